@@ -1,0 +1,102 @@
+"""All configuration of tokenfleet, read from ``TOKENFLEET_*`` environment variables.
+
+One ``Settings`` object is built at process start (``Settings()``) and passed down; no module
+reads the environment on its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def _default_model_dir() -> Path:
+    return Path.home() / ".cache" / "tokenfleet" / "models"
+
+
+class Settings(BaseSettings):
+    """Every knob of the gateway, the worker and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENFLEET_", extra="ignore")
+
+    # --- Redis -------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "tf"
+    redis_timeout_s: float = 1.0  # connect/socket timeout: Redis down -> fail fast
+
+    # --- Model -------------------------------------------------------------------------
+    model: str = DEFAULT_MODEL  # the built-in name, or a local Hugging Face model directory
+    served_model_name: str | None = None  # name clients use; default: the model's basename
+    model_dir: Path = Field(default_factory=_default_model_dir)  # prepared checkpoints
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = None
+    engine: Literal["hf", "null"] = "hf"  # "null": no model, emits dummy tokens (bus bench)
+    null_engine_tokens: int = 16
+
+    # --- Batching ----------------------------------------------------------------------
+    coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch
+    max_batch_size: int = 64  # most sequences decoding at once
+    max_batch_tokens: int = 32768  # KV-cache budget: rows x padded length
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
+    max_waiting: int = 64  # requests a worker holds locally beyond the running batch
+
+    # --- Request limits ----------------------------------------------------------------
+    default_max_tokens: int = 256
+    max_tokens_cap: int = 4096
+    max_stop_sequences: int = 8
+    max_stop_length: int = 64
+    max_body_bytes: int = 1_048_576
+    max_messages: int = 256
+
+    # --- Queue, jobs, liveness ---------------------------------------------------------
+    job_ttl_s: int = 86_400
+    heartbeat_interval_s: float = 1.0
+    heartbeat_ttl_s: float = 10.0
+    claim_idle_ms: int = 30_000  # pending this long with no progress -> another worker claims
+    max_deliveries: int = 3
+    drain_timeout_s: float = 30.0
+    backlog_limit: int = 4096  # stream length + pending above this -> 429
+    stream_maxlen: int = 100_000
+    request_timeout_s: float | None = None  # default deadline when a request gives none
+
+    # --- Gateway -----------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: bool = False  # require "Authorization: Bearer <key>"
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static keys (comma-separated env)
+    rate_limit_rpm: int = 0  # per key, 0 = unlimited
+    rate_limit_tpm: int = 0
+    log_level: str = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> Settings:
+        if self.coalesce_ms < 0:
+            raise ValueError("TOKENFLEET_COALESCE_MS must be >= 0")
+        if self.max_batch_size < 1:
+            raise ValueError("TOKENFLEET_MAX_BATCH_SIZE must be >= 1")
+        if self.max_prefill_tokens < 16:
+            raise ValueError("TOKENFLEET_MAX_PREFILL_TOKENS must be >= 16")
+        if self.max_batch_tokens < self.max_prefill_tokens:
+            raise ValueError("TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in ``"model"``."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else DEFAULT_MODEL

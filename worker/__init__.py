@@ -1,0 +1,1 @@
+"""The worker: a continuous-batching engine (worker.engine) wrapped by a Redis queue loop."""

@@ -1,0 +1,63 @@
+"""The engine's contract with the outside world (the queue loop, the bench, the tests).
+
+The engine is pure Python/torch: it knows nothing of Redis. The queue loop calls
+``add_request`` / ``abort_request`` between steps and ``step()`` in a loop, and turns each
+``RequestOutput`` into wire events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.protocol import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = 0.0  # time.monotonic() when it reached the engine
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (only requests with news are reported)."""
+
+    id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    text_delta: str = ""
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    first_token: bool = False  # this output carries the request's first generated token
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_tokens_used: int = 0
+    kv_tokens_budget: int = 0
+    steps: int = 0
+
+
+class Engine(Protocol):
+    """What the queue loop needs from an engine (the real one and the null one)."""
+
+    def add_request(self, request: EngineRequest) -> None: ...
+
+    def abort_request(self, request_id: str) -> None:
+        """Remove a request wherever it is; the next step reports it finished/cancelled."""
+
+    def has_unfinished(self) -> bool: ...
+
+    def num_free_slots(self) -> int:
+        """How many more requests the engine would like to hold (running + waiting)."""
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def stats(self) -> EngineStats: ...
