@@ -1,0 +1,194 @@
+"""The engine: glue of scheduler, KV cache, model runner, sampler and detokenizers.
+
+``step()`` is: apply aborts, schedule, run decode and prefill, sample, post-process (append
+tokens, detokenize, check stops, free finished rows). No Redis, no threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from worker.engine.model_runner import ModelRunner, PrefillChunk
+from worker.engine.sampler import Sampler
+from worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.types import EngineRequest, EngineStats, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 32768
+    max_prefill_tokens: int = 512
+    max_waiting: int = 16  # requests held beyond the running batch
+    eos_token_ids: tuple[int, ...] = ()
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, decoder: TokenDecoder, config: EngineConfig) -> None:
+        self.runner = runner
+        self.decoder = decoder
+        self.config = config
+        self.cache = runner.cache
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch_size=config.max_batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            max_prefill_tokens=config.max_prefill_tokens,
+            max_context=runner.max_context,
+        ))
+        self.sampler = Sampler(list(config.eos_token_ids), runner.device)
+        self.eos = frozenset(config.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self.detoks: dict[str, IncrementalDetokenizer] = {}
+        self._aborts: set[str] = set()
+        self._early: list[RequestOutput] = []  # rejected at add time, reported next step
+        self._steps = 0
+
+    # --- the Engine protocol ----------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> None:
+        if request.id in self.seqs:
+            raise ValueError(f"request {request.id} is already in the engine")
+        problem = self._validate(request)
+        if problem:
+            self._early.append(RequestOutput(
+                id=request.id, finished=True, finish_reason="error", error=problem,
+                num_prompt_tokens=len(request.prompt_token_ids)))
+            return
+        seq = Sequence(request.id, list(request.prompt_token_ids), request.params,
+                       request.arrival_time)
+        if request.params.seed is not None and not request.params.is_greedy:
+            seq.generator = torch.Generator(device="cpu").manual_seed(request.params.seed)
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:
+            self._early.append(RequestOutput(id=request.id, finished=True, finish_reason="error",
+                                             error=str(exc),
+                                             num_prompt_tokens=seq.num_prompt_tokens))
+            return
+        self.seqs[seq.id] = seq
+        self.detoks[seq.id] = IncrementalDetokenizer(self.decoder, seq.prompt_token_ids,
+                                                     seq.params.stop)
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self.seqs:
+            self._aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs or self._early)
+
+    def num_free_slots(self) -> int:
+        held = len(self.scheduler.running) + len(self.scheduler.waiting)
+        return max(0, self.config.max_batch_size + self.config.max_waiting - held)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_tokens_used=self.cache.num_tokens,
+            kv_tokens_budget=self.config.max_batch_tokens,
+            steps=self._steps,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._early = self._early, []
+        outputs.extend(self._apply_aborts())
+        plan = self.scheduler.schedule()
+        for seq in plan.admitted:
+            self.cache.allocate(seq.id)
+        if plan.is_empty:
+            return outputs
+        self._steps += 1
+        sampled, logits = self._run(plan)
+        if sampled:
+            tokens = self.sampler.sample(logits, sampled)
+            outputs.extend(self._postprocess(seq, tok) for seq, tok in zip(sampled, tokens,
+                                                                            strict=True))
+        return outputs
+
+    # --- internals --------------------------------------------------------------------------
+    def _validate(self, request: EngineRequest) -> str | None:
+        ids = request.prompt_token_ids
+        if not ids:
+            return "empty prompt"
+        if len(ids) >= self.runner.max_context:
+            return (f"prompt is {len(ids)} tokens; the model's context is "
+                    f"{self.runner.max_context}")
+        if min(ids) < 0 or max(ids) >= self.runner.vocab_size:
+            return f"prompt has token ids outside the vocabulary (size {self.runner.vocab_size})"
+        return None
+
+    def _run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        longest = max([s.num_cached + 1 for s in plan.decodes]
+                      + [c.start + c.length for c in plan.prefills])
+        self.cache.ensure_capacity(self.cache.num_rows, longest)
+        parts: list[torch.Tensor] = []
+        sampled: list[Sequence] = []
+        if plan.decodes:
+            self.cache.move_to_front([s.id for s in plan.decodes])
+            parts.append(self.runner.decode([s.last_token_id for s in plan.decodes],
+                                            [s.num_cached for s in plan.decodes]))
+            for seq in plan.decodes:
+                seq.num_cached += 1
+                self.cache.advance(seq.id, 1)
+            sampled.extend(plan.decodes)
+        if plan.prefills:
+            chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
+                                   c.seq.prompt_token_ids[c.start:c.start + c.length],
+                                   c.completes_prompt) for c in plan.prefills]
+            parts.append(self.runner.prefill(chunks))
+            for c in plan.prefills:
+                c.seq.num_cached += c.length
+                self.cache.advance(c.seq.id, c.length)
+            sampled.extend(c.seq for c in plan.prefills if c.completes_prompt)
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return sampled, logits
+
+    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.append_token(token)
+        detok = self.detoks[seq.id]
+        params = seq.params
+        is_eos = token in self.eos and not params.ignore_eos
+        if not is_eos and token not in params.stop_token_ids:
+            detok.add(token)
+        status = SequenceStatus.RUNNING
+        if is_eos or token in params.stop_token_ids or detok.stopped:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_context:
+            status = SequenceStatus.FINISHED_LENGTH
+        if status.is_finished:
+            self._finish(seq, status)
+        return RequestOutput(
+            id=seq.id, new_token_ids=[token], text_delta=detok.take_delta(status.is_finished),
+            finished=status.is_finished, finish_reason=status.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
+            first_token=seq.num_output_tokens == 1,
+        )
+
+    def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        seq.status = status
+        self.scheduler.remove(seq)
+        if seq.id in self.cache:
+            self.cache.free(seq.id)
+        del self.seqs[seq.id]
+        self.detoks.pop(seq.id, None)
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        outputs = []
+        for request_id in self._aborts:
+            seq = self.seqs.get(request_id)
+            if seq is None:
+                continue
+            detok = self.detoks[request_id]
+            self._finish(seq, SequenceStatus.FINISHED_CANCELLED)
+            outputs.append(RequestOutput(
+                id=request_id, text_delta=detok.take_delta(True), finished=True,
+                finish_reason="cancelled", num_prompt_tokens=seq.num_prompt_tokens,
+                num_output_tokens=seq.num_output_tokens))
+        self._aborts.clear()
+        return outputs

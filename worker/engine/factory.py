@@ -1,0 +1,84 @@
+"""Builds the engine a worker serves with, and the ``ModelInfo`` it publishes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from shared.model_info import ModelInfo
+from shared.protocol import SamplingParams
+from shared.settings import Settings
+from worker.engine.engine import EngineConfig, LLMEngine
+from worker.engine.loader import LoadedModel, load_model
+from worker.engine.model_runner import TransformerRunner
+from worker.engine.types import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(loaded: LoadedModel) -> list[int]:
+    ids: set[int] = set()
+    generation = getattr(loaded.model, "generation_config", None)
+    for source in (getattr(generation, "eos_token_id", None),
+                   getattr(loaded.tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def model_info(settings: Settings, loaded: LoadedModel, max_context: int) -> ModelInfo:
+    tok = loaded.tokenizer
+    tokenizer_file = Path(loaded.path) / "tokenizer.json"
+    raw = (tokenizer_file.read_bytes() if tokenizer_file.exists()
+           else tok.backend_tokenizer.to_str().encode())
+    template = getattr(tok, "chat_template", None) or ""
+    probe = tok("a").input_ids
+    return ModelInfo(
+        name=settings.model_name,
+        max_context=max_context,
+        vocab_size=int(loaded.model.config.vocab_size),
+        tokenizer_json=raw,
+        chat_template=template if isinstance(template, str) else "",
+        bos_token=tok.bos_token or "",
+        eos_token=tok.eos_token or "",
+        eos_token_ids=eos_token_ids(loaded),
+        add_bos_token=bool(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]),
+        quantization=loaded.quantization,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+    )
+
+
+def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        max_waiting=settings.max_waiting,
+        eos_token_ids=tuple(eos),
+    )
+
+
+def warm_up(engine: LLMEngine) -> float:
+    """One short request through prefill and decode, so first users don't pay for it."""
+    start = time.perf_counter()
+    engine.add_request(EngineRequest("warmup", [1, 2, 3, 4, 5, 6, 7, 8],
+                                     SamplingParams(max_tokens=4, temperature=0,
+                                                    ignore_eos=True)))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def build_engine(settings: Settings) -> tuple[LLMEngine, ModelInfo]:
+    from worker.model_store import resolve_model_path
+
+    path = resolve_model_path(settings)
+    loaded = load_model(settings, path)
+    runner = TransformerRunner(loaded.model)
+    eos = eos_token_ids(loaded)
+    engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos))
+    log.info("warm-up took %.2f s", warm_up(engine))
+    return engine, model_info(settings, loaded, runner.max_context)

@@ -1,0 +1,211 @@
+"""Runs a Hugging Face decoder-only model over the row KV cache.
+
+The weights and modules (embeddings, projections, norms, MLP, lm_head) are the model's own,
+so bitsandbytes int8/nf4 layers work unchanged; only attention and the cache are ours:
+- prefill: the chunks of a step are packed into one ``[N, hidden]`` batch for every matmul,
+  and attention runs per chunk (causal inside the chunk, over the row's cached prefix);
+- decode: one token per row for rows ``0 .. B-1``; grouped-query attention is two batched
+  matmuls on the contiguous cache (queries reshaped per KV head, no K/V repetition).
+Supported: Llama-shaped models (Llama, SmolLM, Mistral without sliding window, Qwen2/3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.kv_cache import CacheShape, RowKVCache
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Prompt tokens ``[start, start + len(token_ids))`` of the sequence in ``row``."""
+
+    row: int
+    start: int
+    token_ids: list[int]
+    wants_logits: bool  # the chunk ends the prompt: sample the first token from it
+
+
+class ModelRunner(Protocol):
+    """What the engine needs from a model: a cache and two forward passes."""
+
+    cache: RowKVCache
+    vocab_size: int
+    max_context: int
+    device: torch.device
+
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Fill the cache; logits ``[n, vocab]`` (float32) of chunks that want them."""
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed one token to each of rows ``0 .. B-1``; logits ``[B, vocab]`` (float32)."""
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class TransformerRunner:
+    """Model runner for Llama-shaped Hugging Face models."""
+
+    def __init__(self, model: torch.nn.Module, *, max_context: int | None = None) -> None:
+        inner = getattr(model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
+            raise UnsupportedModelError(
+                f"{type(model).__name__} is not a Llama-shaped causal LM "
+                "(expected model.model.layers and model.lm_head)"
+            )
+        cfg = model.config
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            if cfg.sliding_window < (max_context or cfg.max_position_embeddings):
+                raise UnsupportedModelError("sliding-window attention is not supported yet")
+        self.model = model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.final_norm = inner.norm
+        self.lm_head = model.lm_head
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.group = self.num_heads // self.num_kv_heads
+        self.scale = self.head_dim**-0.5
+        self.vocab_size = cfg.vocab_size
+        self.max_context = min(max_context or cfg.max_position_embeddings,
+                               cfg.max_position_embeddings)
+        self.device = self.embed.weight.device
+        self.dtype = self._compute_dtype(model)
+        self.cos, self.sin = self._rope_tables(inner.rotary_emb)
+        self.cache = RowKVCache(
+            CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        )
+
+    @staticmethod
+    def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+        return model.model.embed_tokens.weight.dtype
+
+    def _rope_tables(self, rotary: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type not in ("default", "linear", "llama3", "yarn"):
+            raise UnsupportedModelError(f"rope type {rope_type!r} is not supported yet")
+        inv_freq = rotary.inv_freq.to(device=self.device, dtype=torch.float32)
+        scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        positions = torch.arange(self.max_context, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype)
+
+    # --- one layer's projections ----------------------------------------------------------
+    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = layer.self_attn
+        n = x.shape[0]
+        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _finish_layer(self, layer: torch.nn.Module, h: torch.Tensor,
+                      attn_out: torch.Tensor) -> torch.Tensor:
+        h = h + layer.self_attn.o_proj(attn_out)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(h)).float()
+
+    # --- decode ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        b = len(token_ids)
+        dev = self.device
+        ids = torch.tensor(token_ids, device=dev)
+        pos = torch.tensor(positions, device=dev)
+        rows = torch.arange(b, device=dev)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        length = self.cache.len_cap
+        visible = torch.arange(length, device=dev).unsqueeze(0) <= pos.unsqueeze(1)
+        mask = torch.zeros(b, 1, length, device=dev, dtype=torch.float32)
+        mask.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+        mask = mask.repeat_interleave(self.num_kv_heads, dim=0)  # [b*kv, 1, L]
+        h = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+            keys, values = self.cache.keys[i], self.cache.values[i]
+            keys[rows, :, pos] = k
+            values[rows, :, pos] = v
+            kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
+            vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
+            qb = q.view(b * self.num_kv_heads, self.group, self.head_dim)
+            scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(mask)
+            probs = torch.softmax(scores, dim=-1).to(self.dtype)
+            out = torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
+            h = self._finish_layer(layer, h, out)
+        return self._logits(h)
+
+    # --- prefill --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        dev = self.device
+        flat = [t for c in chunks for t in c.token_ids]
+        positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
+        pos = torch.tensor(positions, device=dev)
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        masks = [self._chunk_mask(c) for c in chunks]
+        h = self.embed(torch.tensor(flat, device=dev))
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+            out = torch.empty(len(flat), self.num_heads * self.head_dim, device=dev,
+                              dtype=self.dtype)
+            offset = 0
+            for chunk, mask in zip(chunks, masks, strict=True):
+                end = offset + len(chunk.token_ids)
+                out[offset:end] = self._chunk_attention(
+                    i, chunk, mask, q[offset:end], k[offset:end], v[offset:end])
+                offset = end
+            h = self._finish_layer(layer, h, out)
+        ends, offset = [], 0
+        for chunk in chunks:
+            offset += len(chunk.token_ids)
+            if chunk.wants_logits:
+                ends.append(offset - 1)
+        if not ends:
+            return torch.empty(0, self.vocab_size, device=dev)
+        return self._logits(h[torch.tensor(ends, device=dev)])
+
+    def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor | None:
+        if chunk.start == 0:
+            return None  # plain causal attention inside the chunk
+        n = len(chunk.token_ids)
+        total = chunk.start + n
+        key_pos = torch.arange(total, device=self.device).unsqueeze(0)
+        query_pos = torch.arange(chunk.start, total, device=self.device).unsqueeze(1)
+        return key_pos <= query_pos  # [n, total]
+
+    def _chunk_attention(self, layer_idx: int, chunk: PrefillChunk, mask: torch.Tensor | None,
+                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        start, row = chunk.start, chunk.row
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[row, :, start:start + n] = k.transpose(0, 1)
+        values[row, :, start:start + n] = v.transpose(0, 1)
+        if start == 0:
+            kk, vv = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            kk, vv = keys[row, :, :start + n], values[row, :, :start + n]
+        if self.group > 1:
+            kk = kk.repeat_interleave(self.group, dim=0)
+            vv = vv.repeat_interleave(self.group, dim=0)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), kk, vv, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim)

@@ -1,0 +1,112 @@
+"""Iteration-level scheduling: who decodes and which prompt chunks prefill this step.
+
+Policy, no tensors and no I/O (vLLM's ``schedule()`` / ``update`` contract):
+- every running sequence that has finished its prompt decodes one token each step;
+- prompt tokens are prefilled in chunks under ``max_prefill_tokens`` per step, partially
+  prefilled sequences first, then waiting ones in arrival order, so a long prompt is
+  spread over several steps instead of stalling everyone's decoding;
+- a waiting sequence is admitted only while the batch stays within ``max_batch_size`` rows
+  and ``rows x longest reservation <= max_batch_tokens`` (a reservation is prompt +
+  max_tokens, capped at the context). Reserving up front means a running sequence never
+  has to be preempted. The queue is first-come first-served: a request that does not fit
+  waits at the head until the batch drains enough for it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from worker.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int = 64
+    max_batch_tokens: int = 32768
+    max_prefill_tokens: int = 512
+    max_context: int = 2048
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.start + self.length == self.seq.num_prompt_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[ScheduledChunk] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)  # need a cache row now
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    # --- queue --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.reserved_len = min(seq.num_prompt_tokens + seq.params.max_tokens,
+                               self.config.max_context)
+        if seq.reserved_len > self.config.max_batch_tokens:
+            raise ValueError(
+                f"request needs {seq.reserved_len} cache tokens, more than max_batch_tokens "
+                f"({self.config.max_batch_tokens})")
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out wherever it is (finished or aborted)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Cache tokens the running batch may need at most (padded to its longest row)."""
+        longest = max((s.reserved_len for s in self.running), default=0)
+        return len(self.running) * longest
+
+    # --- one step -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_prefill_tokens
+        for seq in self.running:
+            if not seq.is_prefilling:
+                out.decodes.append(seq)
+            elif budget > 0:
+                budget -= self._chunk(out, seq, budget)
+        while self.waiting and budget > 0 and self._fits(self.waiting[0]):
+            seq = self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.admitted.append(seq)
+            budget -= self._chunk(out, seq, budget)
+        return out
+
+    def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
+        length = min(seq.num_prompt_tokens - seq.num_cached, budget)
+        out.prefills.append(ScheduledChunk(seq, seq.num_cached, length))
+        return length
+
+    def _fits(self, seq: Sequence) -> bool:
+        rows = len(self.running) + 1
+        if rows > self.config.max_batch_size:
+            return False
+        longest = max([seq.reserved_len, *(s.reserved_len for s in self.running)])
+        return rows * longest <= self.config.max_batch_tokens
