@@ -1,0 +1,121 @@
+"""Scheduler policy and KV-cache bookkeeping, with no model."""
+
+from __future__ import annotations
+
+import torch
+
+from shared.protocol import SamplingParams
+from worker.engine.kv_cache import CacheShape, RowKVCache
+from worker.engine.scheduler import Scheduler, SchedulerConfig
+from worker.engine.sequence import Sequence
+
+
+def seq(name: str, prompt_len: int, max_tokens: int = 16) -> Sequence:
+    return Sequence(name, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens))
+
+
+def finish_prefill(out_chunks: list, scheduler: Scheduler) -> None:  # type: ignore[type-arg]
+    for chunk in out_chunks:
+        chunk.seq.num_cached += chunk.length
+
+
+def test_admission_respects_max_batch_size() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_batch_tokens=10_000,
+                                  max_prefill_tokens=1000, max_context=512))
+    for i in range(5):
+        s.add(seq(f"s{i}", 10))
+    out = s.schedule()
+    assert [q.id for q in out.admitted] == ["s0", "s1", "s2"]
+    assert len(s.waiting) == 2
+
+
+def test_admission_respects_padded_token_budget() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=64, max_batch_tokens=300,
+                                  max_prefill_tokens=1000, max_context=512))
+    for i in range(4):
+        s.add(seq(f"s{i}", 40, max_tokens=60))  # reservation 100 each
+    out = s.schedule()
+    assert len(out.admitted) == 3  # 3 rows x 100 <= 300 < 4 x 100
+    assert s.reserved_tokens <= 300
+
+
+def test_a_long_reservation_waits_at_the_head_until_it_fits() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=64, max_batch_tokens=400,
+                                  max_prefill_tokens=1000, max_context=512))
+    s.add(seq("short", 10, max_tokens=40))  # 50
+    s.add(seq("long", 100, max_tokens=250))  # 350: 2 x 350 > 400
+    s.add(seq("after", 10, max_tokens=10))
+    out = s.schedule()
+    assert [q.id for q in out.admitted] == ["short"]
+    assert [q.id for q in s.waiting] == ["long", "after"]  # first come, first served
+    s.remove(s.running[0])
+    out = s.schedule()
+    assert [q.id for q in out.admitted] == ["long"]
+
+
+def test_long_prompt_is_chunked_and_decodes_keep_running() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_tokens=10_000,
+                                  max_prefill_tokens=64, max_context=1024))
+    s.add(seq("decoder", 10))
+    first = s.schedule()
+    finish_prefill(first.prefills, s)
+    s.add(seq("long", 200))
+    lengths = []
+    for _ in range(4):
+        out = s.schedule()
+        assert [q.id for q in out.decodes] == ["decoder"]  # never stalled by the prompt
+        assert sum(c.length for c in out.prefills) <= 64
+        lengths.append([(c.seq.id, c.start, c.length) for c in out.prefills])
+        finish_prefill(out.prefills, s)
+    assert lengths == [[("long", 0, 64)], [("long", 64, 64)], [("long", 128, 64)],
+                       [("long", 192, 8)]]
+    out = s.schedule()
+    assert {q.id for q in out.decodes} == {"decoder", "long"} and not out.prefills
+
+
+def test_rejects_a_request_larger_than_the_whole_budget() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_tokens=100, max_prefill_tokens=50,
+                                  max_context=4096))
+    try:
+        s.add(seq("huge", 80, max_tokens=80))
+    except ValueError as exc:
+        assert "max_batch_tokens" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def _cache() -> RowKVCache:
+    return RowKVCache(CacheShape(2, 1, 2, torch.float32, torch.device("cpu")), row_align=1,
+                      len_align=4)
+
+
+def test_cache_rows_stay_dense_and_data_moves_with_its_row() -> None:
+    cache = _cache()
+    for name in "abc":
+        cache.allocate(name)
+    cache.ensure_capacity(3, 4)
+    for name, value in zip("abc", (1.0, 2.0, 3.0), strict=True):
+        row = cache.row_of(name)
+        for layer in range(2):
+            cache.keys[layer][row, :, :2] = value
+        cache.advance(name, 2)
+    cache.free("a")
+    assert cache.num_rows == 2 and cache.row_of("c") == 0
+    assert float(cache.keys[1][0, 0, 0, 0]) == 3.0
+    cache.move_to_front(["b"])
+    assert cache.row_of("b") == 0 and float(cache.keys[0][0, 0, 1, 0]) == 2.0
+    assert float(cache.keys[0][cache.row_of("c"), 0, 1, 0]) == 3.0
+
+
+def test_cache_grows_and_shrinks_keeping_data_and_frees_when_empty() -> None:
+    cache = _cache()
+    cache.allocate("a")
+    cache.ensure_capacity(1, 3)
+    cache.keys[0][0, 0, :3] = 7.0
+    cache.advance("a", 3)
+    cache.ensure_capacity(1, 60)
+    assert cache.len_cap == 60 and float(cache.keys[0][0, 0, 2, 0]) == 7.0
+    cache.ensure_capacity(1, 4)
+    assert cache.len_cap == 4 and float(cache.keys[0][0, 0, 2, 0]) == 7.0
+    cache.free("a")
+    assert cache.allocated_tokens == 0 and cache.keys == []
