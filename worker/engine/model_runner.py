@@ -49,6 +49,58 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+@dataclass(slots=True)
+class FusedWeights:
+    """One matmul for q/k/v and one for gate/up; the model's own modules keep views."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+
+
+def _fuse_layer(layer: torch.nn.Module) -> FusedWeights | None:
+    """Fuse plain (unquantized, bias-free MLP, SiLU) layers; None leaves the modules as is."""
+    attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
+    linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+    linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(type(m) is not torch.nn.Linear for m in linears):
+        return None
+    if getattr(mlp.act_fn, "__class__", None).__name__ not in ("SiLU", "SiLUActivation"):
+        return None
+    if linears[3].bias is not None or linears[4].bias is not None:
+        return None
+    q, k, v, gate, up = linears[:5]
+    biases = [m.bias for m in (q, k, v)]
+    qkv_bias = None
+    if any(b is not None for b in biases):
+        qkv_bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device) for b, m in zip(biases, (q, k, v), strict=True)])
+    fused = FusedWeights(_concat_into_views([q, k, v]), qkv_bias, _concat_into_views([gate, up]))
+    return fused
+
+
+def _concat_into_views(modules: list[torch.nn.Linear]) -> torch.Tensor:
+    """Concatenate the weights and make each module's weight a view of the result."""
+    with torch.no_grad():
+        fused = torch.cat([m.weight for m in modules]).contiguous()
+        offset = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight = torch.nn.Parameter(fused[offset:offset + rows], requires_grad=False)
+            offset += rows
+    return fused
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    eps = getattr(module, "variance_epsilon", None)
+    weight = getattr(module, "weight", None)
+    if eps is None or weight is None or type(module).__name__ not in _PLAIN_RMS_NORMS:
+        return module(x)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+_PLAIN_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -85,6 +137,7 @@ class TransformerRunner:
         self.device = self.embed.weight.device
         self.dtype = self._compute_dtype(model)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb)
+        self.fused = [_fuse_layer(layer) for layer in self.layers]
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
@@ -105,24 +158,35 @@ class TransformerRunner:
         return (emb.cos() * scaling).to(self.dtype), (emb.sin() * scaling).to(self.dtype)
 
     # --- one layer's projections ----------------------------------------------------------
-    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+    def _qkv(self, i: int, h: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input -> rotated queries [n, H, D], rotated keys and values [n, KV, D]."""
+        layer, fused = self.layers[i], self.fused[i]
+        x = _norm(layer.input_layernorm, h)
+        n, heads, kv = x.shape[0], self.num_heads, self.num_kv_heads
         attn = layer.self_attn
-        n = x.shape[0]
-        q = attn.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if fused is not None and not hasattr(attn, "q_norm"):
+            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias).view(n, heads + 2 * kv, -1)
+            qk = _rotate(qkv[:, :heads + kv], cos, sin)
+            return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv:]
+        q = attn.q_proj(x).view(n, heads, self.head_dim)
+        k = attn.k_proj(x).view(n, kv, self.head_dim)
+        v = attn.v_proj(x).view(n, kv, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
             q, k = attn.q_norm(q), attn.k_norm(k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def _finish_layer(self, layer: torch.nn.Module, h: torch.Tensor,
-                      attn_out: torch.Tensor) -> torch.Tensor:
+    def _finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        layer, fused = self.layers[i], self.fused[i]
         h = h + layer.self_attn.o_proj(attn_out)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        x = _norm(layer.post_attention_layernorm, h)
+        if fused is None:
+            return h + layer.mlp(x)
+        gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
+        return h + layer.mlp.down_proj(F.silu(gate).mul_(up))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(h)).float()
+        return self.lm_head(_norm(self.final_norm, h)).float()
 
     # --- decode ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -139,18 +203,18 @@ class TransformerRunner:
         mask.masked_fill_(~visible.unsqueeze(1), float("-inf"))
         mask = mask.repeat_interleave(self.num_kv_heads, dim=0)  # [b*kv, 1, L]
         h = self.embed(ids)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+        for i in range(len(self.layers)):
+            q, k, v = self._qkv(i, h, cos, sin)
             keys, values = self.cache.keys[i], self.cache.values[i]
             keys[rows, :, pos] = k
             values[rows, :, pos] = v
             kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
             vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
-            qb = q.view(b * self.num_kv_heads, self.group, self.head_dim)
+            qb = q.reshape(b * self.num_kv_heads, self.group, self.head_dim)
             scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(mask)
             probs = torch.softmax(scores, dim=-1).to(self.dtype)
             out = torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
-            h = self._finish_layer(layer, h, out)
+            h = self._finish_layer(i, h, out)
         return self._logits(h)
 
     # --- prefill --------------------------------------------------------------------------
@@ -163,8 +227,8 @@ class TransformerRunner:
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         masks = [self._chunk_mask(c) for c in chunks]
         h = self.embed(torch.tensor(flat, device=dev))
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+        for i in range(len(self.layers)):
+            q, k, v = self._qkv(i, h, cos, sin)
             out = torch.empty(len(flat), self.num_heads * self.head_dim, device=dev,
                               dtype=self.dtype)
             offset = 0
@@ -173,7 +237,7 @@ class TransformerRunner:
                 out[offset:end] = self._chunk_attention(
                     i, chunk, mask, q[offset:end], k[offset:end], v[offset:end])
                 offset = end
-            h = self._finish_layer(layer, h, out)
+            h = self._finish_layer(i, h, out)
         ends, offset = [], 0
         for chunk in chunks:
             offset += len(chunk.token_ids)
