@@ -338,13 +338,14 @@ def _ensure_model(settings: Settings) -> str:
 
 def _banner(settings: Settings, plan: RedisPlan, redis_url: str, workers: int,
             model: str) -> str:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = _local_host(settings.host)
+    listening = "" if host == settings.host else f"  (listening on {settings.host})"
     auth = (f"on, {len(settings.api_keys)} static keys" if settings.auth
             else "off (local use)")
     return "\n".join([
         "",
         "tokenfleet is up",
-        f"  gateway:  http://{host}:{settings.port}  (listening on {settings.host})",
+        f"  gateway:  http://{host}:{settings.port}{listening}",
         f"  redis:    {plan.mode} {redact_url(redis_url)}",
         f"  model:    {model}",
         f"  workers:  {workers} (engine: {settings.engine})",
@@ -354,8 +355,22 @@ def _banner(settings: Settings, plan: RedisPlan, redis_url: str, workers: int,
     ])
 
 
+def check_external_redis(url: str) -> None:
+    """Fail fast, with a readable message, if the Redis in TOKENFLEET_REDIS_URL is unreachable."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=2.0)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise FleetError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
+    finally:
+        client.close()
+
+
 def _start_redis(fleet: Fleet, plan: RedisPlan, settings: Settings) -> str:
     if plan.mode == "external":
+        check_external_redis(str(plan.url))
         return str(plan.url)
     assert plan.binary is not None
     port = pick_redis_port()
@@ -390,9 +405,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         fleet.shutdown()
 
 
+def _local_host(host: str) -> str:
+    """Where a local client reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def _print_when_ready(settings: Settings, banner: str) -> Callable[[], None]:
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    url = f"http://{host}:{settings.port}/healthz"
+    url = f"http://{_local_host(settings.host)}:{settings.port}/healthz"
     printed = False
 
     def tick() -> None:

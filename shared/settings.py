@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     max_batch_size: int = 64  # most sequences decoding at once
     max_batch_tokens: int = 32768  # KV-cache budget: rows x padded length
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
-    max_waiting: int = 64  # requests a worker holds locally beyond the running batch
+    max_waiting: int = 16  # requests a worker holds locally beyond the running batch
 
     # --- Request limits ----------------------------------------------------------------
     default_max_tokens: int = 256
@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     auth: bool = False  # require "Authorization: Bearer <key>"
-    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # static keys (comma-separated env)
+    # static keys, comma-separated in the environment
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     rate_limit_rpm: int = 0  # per key, 0 = unlimited
     rate_limit_tpm: int = 0
     log_level: str = "INFO"
@@ -91,7 +92,8 @@ class Settings(BaseSettings):
         if self.max_prefill_tokens < 16:
             raise ValueError("TOKENFLEET_MAX_PREFILL_TOKENS must be >= 16")
         if self.max_batch_tokens < self.max_prefill_tokens:
-            raise ValueError("TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")
+            raise ValueError(
+                "TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")
         return self
 
     @property

@@ -159,7 +159,8 @@ class LLMEngine:
         status = SequenceStatus.RUNNING
         if is_eos or token in params.stop_token_ids or detok.stopped:
             status = SequenceStatus.FINISHED_STOPPED
-        elif seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.runner.max_context:
+        elif (seq.num_output_tokens >= params.max_tokens
+              or seq.num_tokens >= self.runner.max_context):
             status = SequenceStatus.FINISHED_LENGTH
         if status.is_finished:
             self._finish(seq, status)

@@ -73,7 +73,9 @@ def _fuse_layer(layer: torch.nn.Module) -> FusedWeights | None:
     biases = [m.bias for m in (q, k, v)]
     qkv_bias = None
     if any(b is not None for b in biases):
-        qkv_bias = torch.cat([b if b is not None else torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device) for b, m in zip(biases, (q, k, v), strict=True)])
+        qkv_bias = torch.cat([
+            b if b is not None else torch.zeros_like(m.weight[:, 0])
+            for b, m in zip(biases, (q, k, v), strict=True)])
     fused = FusedWeights(_concat_into_views([q, k, v]), qkv_bias, _concat_into_views([gate, up]))
     return fused
 
@@ -118,9 +120,10 @@ class TransformerRunner:
                 "(expected model.model.layers and model.lm_head)"
             )
         cfg = model.config
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-            if cfg.sliding_window < (max_context or cfg.max_position_embeddings):
-                raise UnsupportedModelError("sliding-window attention is not supported yet")
+        window = getattr(cfg, "sliding_window", None)
+        if (window and getattr(cfg, "use_sliding_window", True)
+                and window < (max_context or cfg.max_position_embeddings)):
+            raise UnsupportedModelError("sliding-window attention is not supported yet")
         self.model = model
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
