@@ -11,6 +11,7 @@ Supported: Llama-shaped models (Llama, SmolLM, Mistral without sliding window, Q
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,9 @@ class ModelRunner(Protocol):
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """Feed one token to each of rows ``0 .. B-1``; logits ``[B, vocab]`` (float32)."""
+
+
+_EXACT_CANDIDATES = 8
 
 
 class UnsupportedModelError(ValueError):
@@ -92,15 +96,30 @@ def _concat_into_views(modules: list[torch.nn.Linear]) -> torch.Tensor:
     return fused
 
 
+def _linear(x: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[0] == 1:
+        return _apply(lambda t: F.linear(t, weight, bias), x)
+    return F.linear(x, weight, bias)
+
+
+def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn``, never on a single row.
+
+    With one row, CPU matmul libraries take a matrix-vector path whose summation order
+    differs from the matrix-matrix path, so a request's tokens would depend on whether it
+    runs alone or in a batch. Two rows take the same path as any batch; the cost is small
+    because one-row steps are bound by reading the weights, not by arithmetic.
+    """
+    if x.shape[0] != 1:
+        return fn(x)
+    return fn(x.expand(2, *x.shape[1:]).contiguous())[:1]
+
+
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    eps = getattr(module, "variance_epsilon", None)
-    weight = getattr(module, "weight", None)
-    if eps is None or weight is None or type(module).__name__ not in _PLAIN_RMS_NORMS:
-        return module(x)
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-_PLAIN_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+    """The model's own norm. ``F.rms_norm`` is faster (one rounding instead of two in bf16)
+    but drifts from the reference implementation's bf16 answers; fidelity wins here."""
+    return module(x)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -169,27 +188,40 @@ class TransformerRunner:
         n, heads, kv = x.shape[0], self.num_heads, self.num_kv_heads
         attn = layer.self_attn
         if fused is not None and not hasattr(attn, "q_norm"):
-            qkv = F.linear(x, fused.qkv_weight, fused.qkv_bias).view(n, heads + 2 * kv, -1)
+            qkv = _linear(x, fused.qkv_weight, fused.qkv_bias).view(n, heads + 2 * kv, -1)
             qk = _rotate(qkv[:, :heads + kv], cos, sin)
             return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv:]
-        q = attn.q_proj(x).view(n, heads, self.head_dim)
-        k = attn.k_proj(x).view(n, kv, self.head_dim)
-        v = attn.v_proj(x).view(n, kv, self.head_dim)
+        q = _apply(attn.q_proj, x).view(n, heads, self.head_dim)
+        k = _apply(attn.k_proj, x).view(n, kv, self.head_dim)
+        v = _apply(attn.v_proj, x).view(n, kv, self.head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
             q, k = attn.q_norm(q), attn.k_norm(k)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         layer, fused = self.layers[i], self.fused[i]
-        h = h + layer.self_attn.o_proj(attn_out)
+        h = h + _apply(layer.self_attn.o_proj, attn_out)
         x = _norm(layer.post_attention_layernorm, h)
         if fused is None:
-            return h + layer.mlp(x)
-        gate, up = F.linear(x, fused.gate_up_weight).chunk(2, dim=-1)
-        return h + layer.mlp.down_proj(F.silu(gate).mul_(up))
+            return h + _apply(layer.mlp, x)
+        gate, up = _linear(x, fused.gate_up_weight).chunk(2, dim=-1)
+        return h + _apply(layer.mlp.down_proj, F.silu(gate).mul_(up))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(_norm(self.final_norm, h)).float()
+        """float32 logits; in reduced precision the leading candidates are recomputed exactly.
+
+        A bf16 lm_head rounds logits of ~16 to steps of 0.125, which makes ties and wrong
+        argmaxes common. Recomputing the top candidates in float32 (8 dot products a row)
+        gives greedy decoding fp32-accurate choices for a fraction of a full fp32 lm_head.
+        """
+        x = _norm(self.final_norm, h)
+        logits = _apply(self.lm_head, x).float()
+        weight = getattr(self.lm_head, "weight", None)
+        if self.dtype == torch.float32 or type(self.lm_head) is not torch.nn.Linear:
+            return logits
+        candidates = torch.topk(logits, _EXACT_CANDIDATES, dim=-1).indices
+        exact = torch.einsum("nh,nkh->nk", x.float(), weight[candidates].float())
+        return logits.scatter_(1, candidates, exact)
 
     # --- decode ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,98 @@
+"""The engine on the real SmolLM2-135M: batch invariance in fp32 and bf16, and sense."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.protocol import SamplingParams
+from shared.settings import Settings
+from worker.engine.engine import LLMEngine
+from worker.engine.factory import engine_config, eos_token_ids
+from worker.engine.loader import LoadedModel, load_model
+from worker.engine.model_runner import TransformerRunner
+from worker.engine.types import EngineRequest
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.",
+    "Write a haiku about the sea.", "What is 12 times 12?",
+    "Explain photosynthesis in one sentence.", "Who wrote Hamlet?",
+    "Give me a synonym for happy.", "What is the boiling point of water?",
+]
+
+
+def _load(dtype: str) -> LoadedModel:
+    from worker.model_store import resolve_model_path
+
+    settings = Settings(dtype=dtype)  # type: ignore[arg-type]
+    return load_model(settings, Path(resolve_model_path(settings)))
+
+
+def _engine(loaded: LoadedModel) -> LLMEngine:
+    settings = Settings()
+    return LLMEngine(TransformerRunner(loaded.model), loaded.tokenizer.backend_tokenizer,
+                     engine_config(settings, eos_token_ids(loaded)))
+
+
+def _chat(loaded: LoadedModel, question: str) -> list[int]:
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def _drain(engine: LLMEngine, collect: str) -> list[int]:
+    got: list[int] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.id == collect:
+                got.extend(out.new_token_ids)
+    return got
+
+
+def _alone_and_batched(loaded: LoadedModel, n_tokens: int) -> list[tuple[list[int], list[int]]]:
+    pairs = []
+    for question in QUESTIONS[:2]:
+        target = _chat(loaded, question)
+        engine = _engine(loaded)
+        engine.add_request(EngineRequest("t", target, _greedy(n_tokens)))
+        alone = _drain(engine, "t")
+        engine = _engine(loaded)
+        for i in range(31):
+            ids = _chat(loaded, QUESTIONS[i % len(QUESTIONS)] + " " * (i % 5))
+            engine.add_request(EngineRequest(f"bg{i}", ids, _greedy(4 + (i * 3) % 28)))
+        for _ in range(3):
+            engine.step()
+        engine.add_request(EngineRequest("t", target, _greedy(n_tokens)))
+        pairs.append((alone, _drain(engine, "t")))
+    return pairs
+
+
+def test_fp32_greedy_identical_alone_and_joining_a_batch_of_32() -> None:
+    loaded = _load("float32")
+    for alone, batched in _alone_and_batched(loaded, 24):
+        assert batched == alone
+
+
+def test_bf16_greedy_agrees_on_95_percent_and_answers_paris() -> None:
+    loaded = _load("bfloat16")
+    assert loaded.dtype == torch.bfloat16
+    agree = total = 0
+    for alone, batched in _alone_and_batched(loaded, 32):
+        agree += sum(a == b for a, b in zip(alone, batched, strict=True))
+        total += len(alone)
+    assert agree / total >= 0.95, f"{agree}/{total}"
+    engine = _engine(loaded)
+    engine.add_request(EngineRequest("p", _chat(loaded, QUESTIONS[0]),
+                                     SamplingParams(max_tokens=24, temperature=0.0)))
+    text = ""
+    while engine.has_unfinished():
+        text += "".join(o.text_delta for o in engine.step())
+    assert "Paris" in text

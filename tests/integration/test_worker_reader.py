@@ -1,0 +1,87 @@
+"""Reading the lanes: priority, exact counts, blocking wait, reclaim bookkeeping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from shared.keys import WORKER_GROUP, Keys
+from worker.reader import StreamEntry, StreamReader
+from worker.reclaimer import Reclaimer
+
+pytestmark = pytest.mark.integration
+
+KEYS = Keys("tftest")
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def reader(client: redis.Redis) -> StreamReader:
+    reader = StreamReader(client, KEYS, "m", "c1")
+    reader.ensure_groups()
+    reader.ensure_groups()  # BUSYGROUP is fine
+    return reader
+
+
+def add(client: redis.Redis, lane: str, n: int) -> None:
+    for i in range(n):
+        client.xadd(KEYS.requests_stream("m", lane), {"m": f"{lane}-{i}".encode()})
+
+
+def lanes(entries: list[StreamEntry]) -> list[str]:
+    return [e.stream.rsplit(":", 1)[1] for e in entries]
+
+
+def test_interactive_first_and_never_more_than_asked(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "batch", 3)
+    add(client, "interactive", 2)
+    assert lanes(reader.read(3)) == ["interactive", "interactive", "batch"]
+    assert lanes(reader.read(10)) == ["batch", "batch"]
+    assert reader.read(10) == []
+    assert reader.read(0) == []
+
+
+def test_batch_lane_moves_under_steady_interactive_load(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "interactive", 40)
+    add(client, "batch", 1)
+    seen = [lane for _ in range(6) for lane in lanes(reader.read(4))]
+    assert "batch" in seen
+
+
+def test_wait_blocks_then_returns_nothing(reader: StreamReader) -> None:
+    assert reader.wait(20) == []
+
+
+def test_wait_returns_new_entry(reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "batch", 2)
+    [entry] = reader.wait(100)
+    assert entry.fields == {b"m": b"batch-0"}
+
+
+def test_claim_takes_idle_entries_of_others_and_touch_protects_ours(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "interactive", 2)
+    stream = KEYS.requests_stream("m")
+    [ours] = reader.read(1)
+    client.xreadgroup(WORKER_GROUP, "ghost", {stream: ">"}, count=1)
+    mine = Reclaimer(client, reader.streams, "c1", claim_idle_ms=50)
+    other = Reclaimer(client, reader.streams, "c2", claim_idle_ms=50)
+    time.sleep(0.08)
+    mine.touch([(ours.stream, ours.entry_id)])
+    claimed = other.claim(10)
+
+    assert [e.fields for e in claimed] == [{b"m": b"interactive-1"}]
+    assert claimed[0].deliveries == 2 and claimed[0].is_reclaimed
+    mine.release([(ours.stream, ours.entry_id)])
+    assert [e.entry_id for e in other.claim(10)] == [ours.entry_id]

@@ -1,0 +1,83 @@
+"""Decoding delivered entries, salvaging ids from broken ones, loop helpers."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from shared.protocol import GenerateRequest, SamplingParams, pack
+from worker.heartbeat import WorkerStatus
+from worker.intake import decode_entry, effective_deadline, salvage_job
+from worker.reader import LanePlanner, StreamEntry
+from worker.service import Backoff, maintenance_interval_s
+
+
+def entry(fields: dict[bytes, bytes], stream: str = "s") -> StreamEntry:
+    return StreamEntry(stream=stream, entry_id=b"1-0", fields=fields)
+
+
+def request(**kwargs: object) -> GenerateRequest:
+    return GenerateRequest(id="r", model="m", prompt_token_ids=[1], params=SamplingParams(),
+                           **kwargs)  # type: ignore[arg-type]
+
+
+def test_decode_good_entry() -> None:
+    decoded = decode_entry(entry({b"m": pack(request())}))
+    assert decoded.problem is None
+    assert decoded.request == request()
+
+
+def test_decode_problems_never_raise() -> None:
+    assert decode_entry(entry({b"x": b"1"})).problem == "entry has no 'm' field"
+    assert "msgpack" in (decode_entry(entry({b"m": b"\xc1"})).problem or "")
+    assert decode_entry(entry({b"m": msgpack.packb({"v": 99})})).problem
+
+
+def test_salvage_job_id_and_channel() -> None:
+    half = msgpack.packb({"id": "j1", "reply_channel": "ch"})
+    assert salvage_job({b"m": half}) == ("j1", "ch")
+    assert salvage_job({b"m": msgpack.packb({"id": "j2", "reply_channel": 5})}) == ("j2", "")
+    assert salvage_job({b"m": b"garbage\xc1"}) is None
+    assert salvage_job({b"m": msgpack.packb([1, 2])}) is None
+    assert salvage_job({}) is None
+
+
+def test_effective_deadline() -> None:
+    assert effective_deadline(request(deadline=5.0), 100.0) == 5.0
+    assert effective_deadline(request(created_at=10.0), 100.0) == 110.0
+    assert effective_deadline(request(created_at=10.0), None) is None
+    assert effective_deadline(request(), 100.0) is None
+
+
+def test_lane_planner_gives_the_batch_lane_a_share_after_starved_reads() -> None:
+    planner = LanePlanner(["hi", "lo"])
+    full = [StreamEntry("hi", b"1-0", {})] * 8
+    for _ in range(4):
+        plan = planner.plan(8)
+        assert plan == [("hi", 8), ("lo", 8)]
+        planner.record(plan, 8, full)
+    plan = planner.plan(8)
+    assert plan == [("lo", 2), ("hi", 8)]
+    planner.record(plan, 8, full)
+    assert planner.plan(8) == [("hi", 8), ("lo", 8)]
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets() -> None:
+    backoff = Backoff()
+    delays = [backoff.next_delay_s() for _ in range(8)]
+    assert delays[:3] == [0.05, 0.1, 0.2]
+    assert delays[-1] == 2.0
+    backoff.reset()
+    assert backoff.next_delay_s() == 0.05
+
+
+def test_maintenance_interval_stays_well_inside_claim_idle() -> None:
+    assert maintenance_interval_s(30_000) == 5.0
+    assert maintenance_interval_s(600) == pytest.approx(0.2)
+    assert maintenance_interval_s(10) == 0.1
+
+
+def test_worker_status_mapping() -> None:
+    status = WorkerStatus(worker_id="w", model="m", num_running=3, is_warm=True)
+    mapping = status.to_mapping()
+    assert (mapping["batch_size"], mapping["warm"], mapping["state"]) == ("3", "1", "starting")

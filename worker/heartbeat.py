@@ -1,0 +1,119 @@
+"""The worker's liveness record: a hash with a TTL plus a score in the fleet's sorted set.
+
+A daemon thread with its own Redis connection writes ``WorkerStatus`` every
+``heartbeat_interval_s``, so a long engine step never makes a busy worker look dead. The
+queue loop updates the status object in place (plain attribute writes, no lock needed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from shared.keys import Keys
+
+logger = logging.getLogger(__name__)
+
+STATE_STARTING = "starting"
+STATE_READY = "ready"
+STATE_DRAINING = "draining"
+
+
+@dataclass(slots=True)
+class WorkerStatus:
+    """What the heartbeat reports; written by the queue loop, read by the heartbeat thread."""
+
+    worker_id: str
+    model: str
+    quantization: str = "none"
+    dtype: str = ""
+    state: str = STATE_STARTING
+    is_warm: bool = False
+    num_running: int = 0
+    num_waiting: int = 0
+    started_at: float = field(default_factory=time.time)
+
+    def to_mapping(self) -> dict[str, str]:
+        return {
+            "id": self.worker_id,
+            "model": self.model,
+            "quantization": self.quantization,
+            "dtype": self.dtype,
+            "batch_size": str(self.num_running),
+            "waiting": str(self.num_waiting),
+            "warm": "1" if self.is_warm else "0",
+            "started_at": f"{self.started_at:.3f}",
+            "state": self.state,
+        }
+
+
+class Heartbeat:
+    def __init__(self, client: redis.Redis, keys: Keys, status: WorkerStatus,
+                 interval_s: float, ttl_s: float) -> None:
+        self.client = client
+        self.keys = keys
+        self.status = status
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._wake = threading.Event()
+        self._is_stopping = False
+        self._is_failing = False
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def beat_soon(self) -> None:
+        """Write now rather than at the next tick (e.g. after a state change)."""
+        self._wake.set()
+
+    def stop(self, *, deregister: bool = True) -> None:
+        """Stop the thread; on a clean exit remove this worker from the fleet right away."""
+        self._is_stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 5.0)
+        if deregister:
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.delete(self.keys.worker(self.status.worker_id))
+                pipe.zrem(self.keys.workers, self.status.worker_id)
+                pipe.execute()
+            except redis.RedisError as exc:
+                logger.warning("could not deregister worker: %s", exc)
+        self.client.close()
+
+    def beat(self) -> None:
+        """One heartbeat: hash + TTL, sorted-set score, prune workers gone silent."""
+        now = time.time()
+        key = self.keys.worker(self.status.worker_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping=self.status.to_mapping())
+        pipe.expire(key, max(1, math.ceil(self.ttl_s)))
+        pipe.zadd(self.keys.workers, {self.status.worker_id: now})
+        pipe.zremrangebyscore(self.keys.workers, "-inf", now - self.ttl_s)
+        pipe.execute()
+
+    def _run(self) -> None:
+        while not self._is_stopping:
+            self._beat_logged()
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def _beat_logged(self) -> None:
+        try:
+            self.beat()
+        except redis.RedisError as exc:
+            if not self._is_failing:
+                logger.warning("heartbeat failed (will retry every %.1f s): %s",
+                               self.interval_s, exc)
+            self._is_failing = True
+            return
+        if self._is_failing:
+            logger.info("heartbeat restored")
+        self._is_failing = False

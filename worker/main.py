@@ -1,0 +1,98 @@
+"""Worker entry point: build the engine, run the queue loop, return the exit code.
+
+``tokenfleet worker`` calls ``run(settings)``; ``python -m worker.main`` does the same with
+settings from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Callable
+
+from shared.errors import ModelLoadError
+from shared.keys import Keys
+from shared.model_info import ModelInfo
+from shared.redis_conn import sync_client
+from shared.settings import Settings
+from worker.engine.types import Engine
+from worker.heartbeat import Heartbeat, WorkerStatus
+from worker.null_engine import NullEngine, null_model_info
+from worker.service import ShutdownSignal, WorkerService
+
+logger = logging.getLogger(__name__)
+
+EngineBuilder = Callable[[Settings], tuple[Engine, ModelInfo]]
+
+
+def make_worker_id() -> str:
+    """``hostname-pid-random``: unique per process, readable in ``XINFO CONSUMERS``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
+    if settings.engine == "null":
+        engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens)
+        return engine, null_model_info(settings.model_name)
+    from worker.engine.factory import build_engine as build_hf_engine  # torch: only here
+
+    return build_hf_engine(settings)
+
+
+def start_heartbeat(settings: Settings, status: WorkerStatus) -> Heartbeat:
+    heartbeat = Heartbeat(sync_client(settings), Keys(settings.key_prefix), status,
+                          settings.heartbeat_interval_s, settings.heartbeat_ttl_s)
+    heartbeat.start()
+    return heartbeat
+
+
+def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
+    """Serve ``settings.model`` until SIGTERM/SIGINT; 0 after a clean drain, 1 on failure.
+
+    ``build`` makes the engine (tests pass a slowed-down null engine)."""
+    shutdown = ShutdownSignal()
+    shutdown.install()
+    status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
+                          quantization=settings.quantization, dtype=settings.dtype)
+    heartbeat = start_heartbeat(settings, status)  # "starting" while the model loads
+    try:
+        try:
+            engine, model_info = build(settings)
+        except ModelLoadError as exc:
+            logger.error("could not load the model: %s", exc)
+            return 1
+        return serve(settings, engine, model_info, status=status, shutdown=shutdown)
+    finally:
+        heartbeat.stop()
+
+
+def serve(settings: Settings, engine: Engine, model_info: ModelInfo, *, status: WorkerStatus,
+          shutdown: ShutdownSignal) -> int:
+    """Run the queue loop around a built engine."""
+    status.model = model_info.name
+    status.quantization = model_info.quantization
+    status.dtype = model_info.dtype
+    service = WorkerService(settings, engine, model_info, status=status, shutdown=shutdown)
+    try:
+        return service.run()
+    except Exception:
+        logger.exception("worker loop failed; unfinished requests stay pending for others")
+        return 1
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main() -> int:
+    settings = Settings()
+    setup_logging(settings)
+    return run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

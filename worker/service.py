@@ -1,0 +1,273 @@
+"""The worker's queue loop: read requests, feed the engine, publish, ack (arq's shape).
+
+``WorkerService.run`` repeats ``poll_once`` until told to stop; each turn is:
+1. maintenance every few seconds: keep our in-flight entries fresh, claim stalled ones;
+2. read: an idle engine blocks for the first request, then collects more for
+   ``coalesce_ms`` (the coalescing window) so they start in one batch; a busy engine does
+   one non-blocking read per step, only when it has free slots;
+3. admit the entries (dead-letter / skip / ``engine.add_request``);
+4. one ``engine.step()``;
+5. one transaction: publish events, store text and results, XACK finished requests, and
+   read the cancel flags of running requests (aborted before the next step).
+
+Per step that is at most two round trips (the read and the transaction). Redis errors
+back off exponentially and keep all engine state; SIGTERM/SIGINT stop reading and let the
+engine finish for up to ``drain_timeout_s`` (a second signal stops at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import redis
+
+from shared.keys import Keys
+from shared.model_info import ModelInfo
+from shared.redis_conn import sync_client
+from shared.settings import Settings
+from worker.engine.types import Engine
+from worker.heartbeat import STATE_DRAINING, STATE_READY, WorkerStatus
+from worker.intake import Intake, IntakePolicy
+from worker.publisher import InFlight, Publisher
+from worker.reader import StreamEntry, StreamReader
+from worker.reclaimer import Reclaimer
+
+logger = logging.getLogger(__name__)
+
+IDLE_BLOCK_MS = 200  # longest blocking read: how fast an idle worker notices a signal
+CANCEL_CHECK_INTERVAL_S = 0.05
+MIN_MAINTENANCE_INTERVAL_S = 0.1
+MAX_MAINTENANCE_INTERVAL_S = 5.0
+FIRST_BACKOFF_S = 0.05
+MAX_BACKOFF_S = 2.0
+REDIS_DOWN_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Replies meaning our streams/groups are gone (Redis restarted empty, FLUSHALL): set up again.
+GROUPS_LOST_ERRORS = ("NOGROUP", "UNBLOCKED")
+
+
+class ShutdownSignal:
+    """Set by SIGTERM/SIGINT (or ``request()`` from a test): the first asks for a drain,
+    the second for an immediate stop."""
+
+    def __init__(self) -> None:
+        self.num_requests = 0
+
+    @property
+    def is_requested(self) -> bool:
+        return self.num_requests > 0
+
+    @property
+    def is_forced(self) -> bool:
+        return self.num_requests > 1
+
+    def request(self) -> None:
+        self.num_requests += 1
+
+    def install(self) -> None:
+        """Route SIGTERM and SIGINT here (main thread only)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.request()
+        what = "draining" if not self.is_forced else "stopping now"
+        logger.info("got %s: %s", signal.Signals(signum).name, what)
+
+
+@dataclass(slots=True)
+class Backoff:
+    delay_s: float = FIRST_BACKOFF_S
+
+    def next_delay_s(self) -> float:
+        delay = self.delay_s
+        self.delay_s = min(MAX_BACKOFF_S, self.delay_s * 2)
+        return delay
+
+    def reset(self) -> None:
+        self.delay_s = FIRST_BACKOFF_S
+
+
+def maintenance_interval_s(claim_idle_ms: int) -> float:
+    """Touch/reclaim often enough that a live worker's entries never look stalled."""
+    interval_s = claim_idle_ms / 1000 / 3
+    return min(MAX_MAINTENANCE_INTERVAL_S, max(MIN_MAINTENANCE_INTERVAL_S, interval_s))
+
+
+class WorkerService:
+    def __init__(self, settings: Settings, engine: Engine, model_info: ModelInfo, *,
+                 status: WorkerStatus, client: redis.Redis | None = None,
+                 shutdown: ShutdownSignal | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.model_info = model_info
+        self.status = status
+        self.client = client or sync_client(settings)
+        self.shutdown = shutdown or ShutdownSignal()
+        self.keys = Keys(settings.key_prefix)
+        worker_id = status.worker_id
+        self.reader = StreamReader(self.client, self.keys, model_info.name, worker_id)
+        self.reclaimer = Reclaimer(self.client, self.reader.streams, worker_id,
+                                   settings.claim_idle_ms)
+        self.publisher = Publisher(self.keys, model_info.name, worker_id, settings.job_ttl_s,
+                                   settings.stream_maxlen)
+        self.jobs: dict[str, InFlight] = {}
+        self.intake = Intake(self.client, self.keys, engine, self.publisher, self.jobs,
+                             IntakePolicy(settings.max_deliveries, settings.request_timeout_s))
+        self.inbox: list[StreamEntry] = []  # delivered to us, not yet admitted
+        self._needs_setup = True
+        self._drain_deadline: float | None = None
+        self._next_maintenance_at = 0.0
+        self._next_cancel_check_at = 0.0
+        self._maintenance_interval_s = maintenance_interval_s(settings.claim_idle_ms)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a shutdown signal and the drain that follows; returns the exit code."""
+        backoff = Backoff()
+        try:
+            while not self._should_exit():
+                try:
+                    self.poll_once()
+                    backoff.reset()
+                except (*REDIS_DOWN_ERRORS, redis.ResponseError) as exc:
+                    self._on_redis_error(exc, backoff.next_delay_s())
+        finally:
+            self._close()
+        return 0
+
+    def request_stop(self) -> None:
+        self.shutdown.request()
+
+    def poll_once(self) -> None:
+        if self._needs_setup:
+            self._setup()
+        if not self.publisher.outbox.is_empty:
+            self._flush()  # writes left over from a Redis error go first
+        if time.monotonic() >= self._next_maintenance_at:
+            self._maintain()
+        if not self.shutdown.is_requested and not self.inbox:
+            self._read()
+        if self.inbox:
+            self.intake.admit(self.inbox)
+            self.inbox = []
+        if self.engine.has_unfinished():
+            self._step()
+        self._flush()
+
+    # --- one-job helpers ----------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self.reader.ensure_groups()
+        self.client.hset(self.keys.model_info(self.model_info.name),
+                         mapping=self.model_info.to_mapping())
+        self.status.is_warm = True
+        if not self.shutdown.is_requested:
+            self.status.state = STATE_READY
+        self._needs_setup = False
+        logger.info("serving %s on %s as consumer %s", self.model_info.name,
+                    ", ".join(self.reader.streams), self.status.worker_id)
+
+    def _read(self) -> None:
+        """Fill the inbox: non-blocking when busy, a coalescing window when idle."""
+        num_free = self.engine.num_free_slots()
+        if num_free <= 0:
+            return
+        if self.engine.has_unfinished():
+            self.inbox.extend(self.reader.read(num_free))
+        else:
+            self._collect_batch(min(num_free, self.settings.max_batch_size))
+
+    def _collect_batch(self, capacity: int) -> None:
+        """Idle engine: wait for the first entry, then gather more for ``coalesce_ms``.
+
+        Entries go to the inbox as they arrive, so a Redis error mid-window loses none."""
+        inbox = self.inbox
+        inbox.extend(self.reader.read(capacity) or self.reader.wait(IDLE_BLOCK_MS))
+        if not inbox:
+            return
+        window_end = time.monotonic() + self.settings.coalesce_ms / 1000
+        while len(inbox) < capacity and not self.shutdown.is_requested:
+            left_ms = (window_end - time.monotonic()) * 1000
+            if left_ms <= 0:
+                break
+            more = self.reader.read(capacity - len(inbox))
+            inbox.extend(more or self.reader.wait(min(math.ceil(left_ms), IDLE_BLOCK_MS)))
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            job = self.jobs.get(out.id)
+            if job is None:
+                logger.warning("engine reported unknown request %s", out.id)
+                continue
+            self.publisher.emit(job, out)
+            if out.finished:
+                del self.jobs[out.id]
+        stats = self.engine.stats()
+        self.status.num_running = stats.num_running
+        self.status.num_waiting = stats.num_waiting
+
+    def _flush(self) -> None:
+        """Write the outbox; abort the running requests whose cancel key is set."""
+        watch: list[str] = []
+        now = time.monotonic()
+        if self.jobs and now >= self._next_cancel_check_at:
+            watch = [job.id for job in self.jobs.values() if not job.is_abort_sent]
+            self._next_cancel_check_at = now + CANCEL_CHECK_INTERVAL_S
+        for job_id in self.publisher.flush(self.client, watch):
+            job = self.jobs.get(job_id)
+            if job is not None and not job.is_abort_sent:
+                logger.info("cancelling request %s", job_id)
+                self.engine.abort_request(job_id)
+                job.is_abort_sent = True
+
+    def _maintain(self) -> None:
+        self._next_maintenance_at = time.monotonic() + self._maintenance_interval_s
+        self.reclaimer.touch((job.stream, job.entry_id) for job in self.jobs.values())
+        if not self.shutdown.is_requested and not self.inbox:
+            self.inbox = self.reclaimer.claim(self.engine.num_free_slots())
+
+    # --- stopping and errors ------------------------------------------------------------
+
+    def _should_exit(self) -> bool:
+        if self.shutdown.is_forced:
+            return True
+        if not self.shutdown.is_requested:
+            return False
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.settings.drain_timeout_s
+            self.status.state = STATE_DRAINING
+            logger.info("draining: %d request(s) in flight, up to %.0f s", len(self.jobs),
+                        self.settings.drain_timeout_s)
+        is_done = not self.engine.has_unfinished() and self.publisher.outbox.is_empty
+        if is_done and not self.inbox:
+            return True
+        if time.monotonic() >= self._drain_deadline:
+            logger.warning("drain timeout: leaving %d request(s) for other workers",
+                           len(self.jobs))
+            return True
+        return False
+
+    def _on_redis_error(self, exc: redis.RedisError, delay_s: float) -> None:
+        is_lost = any(marker in str(exc) for marker in GROUPS_LOST_ERRORS)
+        if isinstance(exc, redis.ResponseError) and not is_lost:
+            raise exc  # a bug, not an outage
+        self._needs_setup = True  # Redis may have come back empty: groups, model info
+        logger.warning("Redis unavailable or reset (%s); retrying in %.2f s", exc, delay_s)
+        time.sleep(delay_s)
+
+    def _close(self) -> None:
+        """Best effort: store what is finished, hand back what is not."""
+        try:
+            if not self.publisher.outbox.is_empty:
+                self.publisher.flush(self.client, [])
+            if self.jobs:
+                self.reclaimer.release((job.stream, job.entry_id) for job in self.jobs.values())
+        except redis.RedisError as exc:
+            logger.warning("could not finish cleanly: %s", exc)
+        logger.info("stopped (%d request(s) left unfinished)", len(self.jobs))
