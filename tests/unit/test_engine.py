@@ -189,3 +189,45 @@ def test_decoder_roundtrip_helper() -> None:
     decoder = CharDecoder()
     assert decoder.decode(decoder.encode("hello world")) == "hello world"
     assert decoder.decode([EOS, 1]) == ""
+
+
+class _PoisonRunner:
+    """Wraps a runner; any forward pass that sees ``POISON`` raises, like a bad input would."""
+
+    POISON = 77
+
+    def __init__(self, runner: object) -> None:
+        self.inner = runner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        if self.POISON in token_ids:
+            raise RuntimeError("poisoned decode")
+        return self.inner.decode(token_ids, positions)  # type: ignore[attr-defined]
+
+    def prefill(self, chunks: list) -> torch.Tensor:  # type: ignore[type-arg]
+        if any(self.POISON in c.token_ids for c in chunks):
+            raise MemoryError("poisoned prefill")
+        return self.inner.prefill(chunks)  # type: ignore[attr-defined]
+
+
+def test_a_failing_request_fails_alone_and_the_batch_keeps_its_tokens(
+        model32: torch.nn.Module) -> None:
+    clean = {f"ok{i}": prompt(6 + 4 * i, i) for i in range(4)}
+    reference = {rid: _alone(model32, ids, greedy(12)) for rid, ids in clean.items()}
+    engine = tiny_engine(model32)
+    engine.runner = _PoisonRunner(engine.runner)  # type: ignore[assignment]
+    for rid, ids in clean.items():
+        engine.add_request(EngineRequest(rid, ids, greedy(12)))
+    first = engine.step()
+    engine.add_request(EngineRequest("bad", [1, 5, _PoisonRunner.POISON, 9], greedy(12)))
+    outs = run_all(engine)
+    for out in first:
+        outs[out.id].insert(0, out)
+    assert outs["bad"][-1].finish_reason == "error"
+    assert "MemoryError" in (outs["bad"][-1].error or "")
+    for rid in clean:
+        assert tokens(outs[rid]) == reference[rid]
+    assert engine.cache.num_rows == 0 and not engine.seqs

@@ -104,11 +104,17 @@ class LLMEngine:
         if plan.is_empty:
             return outputs
         self._steps += 1
-        sampled, logits = self._run(plan)
+        try:
+            sampled, logits = self._run(plan)
+        except Exception:  # any failure: find the culprit, keep the rest
+            log.exception("batch step failed; retrying its %d requests one by one",
+                          len(plan.decodes) + len(plan.prefills))
+            sampled, logits, failed = self._run_isolated(plan)
+            outputs.extend(failed)
         if sampled:
             tokens = self.sampler.sample(logits, sampled)
-            outputs.extend(self._postprocess(seq, tok) for seq, tok in zip(sampled, tokens,
-                                                                            strict=True))
+            for seq, token in zip(sampled, tokens, strict=True):
+                outputs.append(self._postprocess_safely(seq, token))
         return outputs
 
     # --- internals --------------------------------------------------------------------------
@@ -124,30 +130,68 @@ class LLMEngine:
         return None
 
     def _run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+        """Forward passes for a plan. Sequence state changes only once all of them succeed,
+        so a failed step can be retried (re-writing the same cache positions is harmless)."""
         longest = max([s.num_cached + 1 for s in plan.decodes]
                       + [c.start + c.length for c in plan.prefills])
         self.cache.ensure_capacity(self.cache.num_rows, longest)
         parts: list[torch.Tensor] = []
-        sampled: list[Sequence] = []
         if plan.decodes:
             self.cache.move_to_front([s.id for s in plan.decodes])
             parts.append(self.runner.decode([s.last_token_id for s in plan.decodes],
                                             [s.num_cached for s in plan.decodes]))
-            for seq in plan.decodes:
-                seq.num_cached += 1
-                self.cache.advance(seq.id, 1)
-            sampled.extend(plan.decodes)
         if plan.prefills:
             chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
                                    c.seq.prompt_token_ids[c.start:c.start + c.length],
                                    c.completes_prompt) for c in plan.prefills]
             parts.append(self.runner.prefill(chunks))
-            for c in plan.prefills:
-                c.seq.num_cached += c.length
-                self.cache.advance(c.seq.id, c.length)
-            sampled.extend(c.seq for c in plan.prefills if c.completes_prompt)
+        for seq in plan.decodes:
+            seq.num_cached += 1
+            self.cache.advance(seq.id, 1)
+        for c in plan.prefills:
+            c.seq.num_cached += c.length
+            self.cache.advance(c.seq.id, c.length)
+        sampled = plan.decodes + [c.seq for c in plan.prefills if c.completes_prompt]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return sampled, logits
+
+    def _run_isolated(
+        self, plan: SchedulerOutput,
+    ) -> tuple[list[Sequence], torch.Tensor, list[RequestOutput]]:
+        """Run each participant of a failed step alone; fail only those that fail alone."""
+        sampled: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        failed: list[RequestOutput] = []
+        singles = [SchedulerOutput(decodes=[s]) for s in plan.decodes]
+        singles += [SchedulerOutput(prefills=[c]) for c in plan.prefills]
+        for single in singles:
+            seq = single.decodes[0] if single.decodes else single.prefills[0].seq
+            try:
+                got, logits = self._run(single)
+            except Exception as exc:
+                log.warning("request %s fails on its own: %r", seq.id, exc)
+                failed.append(self._fail(seq, f"inference failed: {type(exc).__name__}: {exc}"))
+                continue
+            sampled.extend(got)
+            rows.extend(logits[i] for i in range(len(got)))
+        logits = torch.stack(rows) if rows else torch.empty(0)
+        return sampled, logits, failed
+
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        detok = self.detoks.get(seq.id)
+        delta = detok.take_delta(True) if detok else ""
+        seq.error = error
+        self._finish(seq, SequenceStatus.FINISHED_ERROR)
+        return RequestOutput(id=seq.id, text_delta=delta, finished=True, finish_reason="error",
+                             error=error, num_prompt_tokens=seq.num_prompt_tokens,
+                             num_output_tokens=seq.num_output_tokens)
+
+    def _postprocess_safely(self, seq: Sequence, token: int) -> RequestOutput:
+        try:
+            return self._postprocess(seq, token)
+        except Exception as exc:  # e.g. a tokenizer that cannot decode
+            log.exception("post-processing request %s failed", seq.id)
+            return self._fail(seq, f"post-processing failed: {type(exc).__name__}: {exc}")
 
     def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
         seq.append_token(token)
@@ -172,6 +216,8 @@ class LLMEngine:
         )
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        if seq.id not in self.seqs:
+            return
         seq.status = status
         self.scheduler.remove(seq)
         if seq.id in self.cache:
