@@ -89,3 +89,12 @@ def tf_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model, prepared once into the default model dir (idempotent)."""
+    from shared.settings import Settings
+    from worker.model_store import prepare_model
+
+    return prepare_model(Settings())
