@@ -1,0 +1,68 @@
+"""The app factory: ``create_app(settings)``. Clients are created in the lifespan, not here."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway.catalog import Catalog
+from gateway.errors import install_exception_handlers
+from gateway.events import Dispatcher
+from gateway.jobs import JobStore
+from gateway.middleware import BodyLimitMiddleware
+from gateway.routers import chat, completions, health, jobs, models
+from gateway.state import GatewayState
+from shared.keys import Keys
+from shared.redis_conn import async_client
+from shared.settings import Settings
+
+logger = logging.getLogger("tokenfleet.gateway")
+
+BACKGROUND_DRAIN_S = 2.0  # how long shutdown waits for cancel flags still being written
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gw = _build_state(settings)
+        await gw.dispatcher.start()  # subscribed before the first request is served
+        app.state.gateway = gw
+        logger.info("gateway %s ready (events on %s)", gw.gateway_id, gw.reply_channel)
+        try:
+            yield
+        finally:
+            gw.is_shutting_down = True
+            await gw.wait_background(BACKGROUND_DRAIN_S)
+            await gw.dispatcher.close()
+            await gw.redis.aclose()
+
+    app = FastAPI(
+        title="tokenfleet gateway",
+        summary="OpenAI-compatible front door of a Redis-Streams LLM worker fleet",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_exception_handlers(app)
+    for module in (chat, completions, jobs, models, health):
+        app.include_router(module.router)
+    return app
+
+
+def _build_state(settings: Settings) -> GatewayState:
+    redis = async_client(settings)
+    keys = Keys(settings.key_prefix)
+    gateway_id = secrets.token_hex(8)
+    return GatewayState(
+        settings=settings,
+        keys=keys,
+        redis=redis,
+        gateway_id=gateway_id,
+        dispatcher=Dispatcher(redis, keys.gateway_channel(gateway_id)),
+        catalog=Catalog(redis, keys, settings.heartbeat_ttl_s),
+        jobs=JobStore(redis, keys, settings.job_ttl_s),
+    )

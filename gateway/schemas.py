@@ -1,0 +1,89 @@
+"""Request bodies of the HTTP API: OpenAI's shapes plus a few extensions.
+
+Only the shape and static ranges are checked here; limits that come from ``Settings`` or from
+the model (stop sequences, context length, max_tokens) are checked in ``gateway.validate``.
+Unknown fields are ignored, as OpenAI clients send many optional ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Lane = Literal["interactive", "batch"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class GenerationParams(_Strict):
+    """Fields shared by chat completions, completions and jobs."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, description="extension: 0 or -1 = off")
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = Field(default=None, description="extension")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(default=False, description="extension")
+    min_tokens: int = Field(default=0, ge=0, description="extension")
+    n: int | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    user: str | None = None
+    lane: Lane | None = Field(default=None, description="extension: queue lane")
+    priority: Lane | None = Field(default=None, description="extension: alias of lane")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def requested_lane(self) -> str:
+        return self.lane or self.priority or "interactive"
+
+
+class ChatCompletionRequest(GenerationParams):
+    messages: list[ChatMessage]
+
+
+class CompletionRequest(GenerationParams):
+    prompt: str | list[Any]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class JobRequest(GenerationParams):
+    """``POST /v1/jobs``: a chat body (``messages``) or a completion body (``prompt``)."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | list[Any] | None = None

@@ -1,0 +1,133 @@
+"""From a validated body to a queued request: tokenize, size, and enqueue atomically.
+
+``enqueue`` writes the job hash and the stream entry in one MULTI/EXEC, so a request is
+either fully queued (job record + stream entry) or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.auth import Principal
+from gateway.jobs import STATUS_QUEUED
+from gateway.openai_format import Kind
+from gateway.schemas import ChatMessage, GenerationParams
+from gateway.state import GatewayState
+from gateway.validate import (
+    chat_messages,
+    check_max_tokens_range,
+    check_supported,
+    choose_max_tokens,
+    completion_prompt,
+    requested_max_tokens,
+    sampling_params,
+    stop_sequences,
+)
+from shared.errors import InvalidRequestError
+from shared.protocol import GenerateRequest, pack
+
+ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl", "completion": "cmpl", "job": "job"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@dataclass(slots=True)
+class Submission:
+    request: GenerateRequest
+    kind: Kind
+    stream: bool
+    include_usage: bool
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    def job_fields(self, gateway_id: str) -> dict[str, str]:
+        request = self.request
+        return {
+            "status": STATUS_QUEUED,
+            "model": request.model,
+            "owner": request.owner,
+            "kind": self.kind,
+            "lane": request.lane,
+            "stream": "1" if self.stream else "0",
+            "created_at": repr(request.created_at),
+            "prompt_tokens": str(self.num_prompt_tokens),
+            "max_tokens": str(request.params.max_tokens),
+            "gateway": gateway_id,
+        }
+
+
+async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal, *,
+                  messages: list[ChatMessage] | None, prompt: str | list[object] | None,
+                  id_prefix: str, live: bool) -> Submission:
+    """Validate and tokenize; nothing is written to Redis here."""
+    settings = gw.settings
+    check_supported(body)
+    requested = requested_max_tokens(body)
+    check_max_tokens_range(requested, settings)
+    stop = stop_sequences(body.stop, settings)
+    chat = chat_messages(messages, settings) if messages is not None else None
+    text = completion_prompt(prompt) if chat is None else None
+
+    await gw.catalog.require_model(body.model)
+    entry = await gw.catalog.model(body.model)
+    kind: Kind
+    if chat is not None:
+        token_ids, kind, param = entry.tokenizer.encode_chat(chat), "chat", "messages"
+    else:
+        assert text is not None
+        token_ids, kind, param = entry.tokenizer.encode_prompt(text), "completion", "prompt"
+    if not token_ids:
+        raise InvalidRequestError(f"{param} is empty after tokenization", param=param)
+    max_tokens = choose_max_tokens(requested, len(token_ids), entry.info.max_context,
+                                   settings, prompt_param=param)
+    params = sampling_params(body, max_tokens=max_tokens, stop=stop,
+                             vocab_size=entry.info.vocab_size)
+    now = time.time()
+    timeout_s = settings.request_timeout_s
+    request = GenerateRequest(
+        id=new_id(id_prefix),
+        model=body.model,
+        prompt_token_ids=token_ids,
+        params=params,
+        reply_channel=gw.reply_channel if live else "",
+        lane=body.requested_lane,
+        owner=principal.owner,
+        created_at=now,
+        deadline=now + timeout_s if timeout_s else None,
+    )
+    return Submission(request=request, kind=kind, stream=body.stream,
+                      include_usage=body.include_usage)
+
+
+async def enqueue(gw: GatewayState, submission: Submission) -> None:
+    """Job hash + stream entry in one transaction; on failure nothing is left behind."""
+    request = submission.request
+    keys = gw.keys
+    job_key = keys.job(request.id)
+    stream = keys.requests_stream(request.model, request.lane)
+    # Backpressure (backlog_limit -> 429) will check the stream length here.
+    try:
+        async with gw.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(job_key, mapping=submission.job_fields(gw.gateway_id))
+            pipe.expire(job_key, gw.settings.job_ttl_s)
+            pipe.xadd(stream, {"m": pack(request)}, maxlen=gw.settings.stream_maxlen,
+                      approximate=True)
+            await pipe.execute()
+    except ResponseError:
+        # EXEC ran but a command failed (Redis has no rollback): remove the job record.
+        with contextlib.suppress(RedisError):
+            await gw.redis.delete(job_key)
+        raise

@@ -1,0 +1,97 @@
+"""The OpenAI stream of a request's events, and response bodies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from gateway.errors import GatewayTimeoutError
+from gateway.openai_format import OpenAIFormat, Outcome
+from gateway.sse import StreamCloser, openai_stream
+from gateway.testing import parse_sse
+from shared.protocol import (
+    EVENT_DONE,
+    EVENT_ERROR,
+    EVENT_RESTART,
+    EVENT_START,
+    EVENT_TOKEN,
+    TokenEvent,
+)
+
+
+async def from_list(events: list[TokenEvent], fail: Exception | None = None
+                    ) -> AsyncIterator[TokenEvent]:
+    for event in events:
+        yield event
+    if fail is not None:
+        raise fail
+
+
+async def run(events: AsyncIterator[TokenEvent], kind: str = "chat", usage: bool = False
+              ) -> tuple[list[tuple[str | None, str]], list[bool]]:
+    closed: list[bool] = []
+    fmt = OpenAIFormat(kind=kind, id="chatcmpl-1", model="m", created=1,  # type: ignore[arg-type]
+                       include_usage=usage)
+    body = b"".join([chunk async for chunk in openai_stream(
+        events, fmt, request_id="chatcmpl-1", prompt_tokens=5, on_close=closed.append)])
+    return parse_sse(body.decode()), closed
+
+
+async def test_chat_stream_with_restart_and_usage() -> None:
+    events = [TokenEvent("r", 0, EVENT_START), TokenEvent("r", 1, EVENT_TOKEN, text="old"),
+              TokenEvent("r", 2, EVENT_RESTART), TokenEvent("r", 3, EVENT_TOKEN, text="new"),
+              TokenEvent("r", 4, EVENT_TOKEN, text=""),
+              TokenEvent("r", 5, EVENT_DONE, finish_reason="length", completion_tokens=2)]
+    sse, closed = await run(from_list(events), usage=True)
+    assert closed == [True]
+    assert [name for name, _ in sse] == [None, None, "restart", None, None, None, None]
+    role, old, restart, new, final, usage, done = sse
+    assert json.loads(role[1])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert json.loads(old[1])["choices"][0]["delta"] == {"content": "old"}
+    assert json.loads(restart[1])["restart"] is True
+    assert json.loads(new[1])["usage"] is None
+    assert json.loads(final[1])["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
+                                                  "finish_reason": "length"}
+    assert json.loads(usage[1])["usage"] == {"prompt_tokens": 5, "completion_tokens": 2,
+                                             "total_tokens": 7}
+    assert done == (None, "[DONE]")
+
+
+async def test_error_event_and_raised_errors_end_the_stream() -> None:
+    sse, closed = await run(from_list([TokenEvent("r", 0, EVENT_ERROR, error="oom")]),
+                            kind="completion")
+    assert json.loads(sse[0][1])["error"]["message"] == "oom"
+    assert sse[-1] == (None, "[DONE]") and closed == [True]
+    sse, closed = await run(from_list([], fail=GatewayTimeoutError("late")))
+    assert json.loads(sse[-2][1])["error"]["code"] == "timeout"
+    sse, _ = await run(from_list([]))
+    assert "ended without a result" in sse[-2][1]
+
+
+async def test_abandoned_stream_reports_unfinished() -> None:
+    closed: list[bool] = []
+    fmt = OpenAIFormat(kind="chat", id="x", model="m", created=1)
+    events = from_list([TokenEvent("x", 0, EVENT_TOKEN, text="a")])
+    stream = openai_stream(events, fmt, request_id="x", prompt_tokens=1, on_close=closed.append)
+    await stream.__anext__()
+    await stream.aclose()
+    assert closed == [False]
+
+
+def test_stream_closer_runs_once() -> None:
+    calls: list[bool] = []
+    closer = StreamCloser(calls.append)
+    closer(True)
+    closer(False)
+    assert calls == [True]
+
+
+def test_response_bodies() -> None:
+    outcome = Outcome(text="hi", finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+    chat = OpenAIFormat(kind="chat", id="c", model="m", created=9).response(outcome)
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    text = OpenAIFormat(kind="completion", id="c", model="m", created=9).response(outcome)
+    assert text["object"] == "text_completion"
+    assert text["choices"][0]["text"] == "hi"
+    assert text["usage"]["total_tokens"] == 4

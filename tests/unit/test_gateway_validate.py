@@ -1,0 +1,106 @@
+"""Request checks that need settings or the model (no Redis, no app)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from gateway.validate import (
+    chat_messages,
+    check_supported,
+    choose_max_tokens,
+    completion_prompt,
+    sampling_params,
+    stop_sequences,
+)
+from shared.errors import InvalidRequestError
+from shared.settings import Settings
+
+SETTINGS = Settings(default_max_tokens=100, max_tokens_cap=1000, max_messages=3)
+
+
+def chat(**fields: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def test_default_max_tokens_is_capped_to_the_context() -> None:
+    assert choose_max_tokens(None, 10, 2048, SETTINGS, prompt_param="prompt") == 100
+    assert choose_max_tokens(None, 2000, 2048, SETTINGS, prompt_param="prompt") == 48
+    assert choose_max_tokens(48, 2000, 2048, SETTINGS, prompt_param="prompt") == 48
+
+
+@pytest.mark.parametrize(("requested", "num_prompt", "message"), [
+    (None, 2048, "prompt is 2048 tokens, longer than the model's context of 2048"),
+    (0, 10, "max_tokens must be at least 1"),
+    (1001, 10, "max_tokens must be at most 1000"),
+    (49, 2000, "the prompt has 2000 tokens and the model's context is 2048 tokens, so "
+               "max_tokens must be <= 48 (got 49)"),
+])
+def test_max_tokens_errors(requested: int | None, num_prompt: int, message: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        choose_max_tokens(requested, num_prompt, 2048, SETTINGS, prompt_param="prompt")
+    assert str(info.value).startswith(message)
+
+
+def test_completion_prompt_forms() -> None:
+    assert completion_prompt("a") == "a"
+    assert completion_prompt(["a"]) == "a"
+    for bad, message in [("", "must not be empty"), ([], "must be a string"),
+                         (["a", "b"], "several prompts"), ([1, 2], "token ids"),
+                         ([["a"]], "must be a string")]:
+        with pytest.raises(InvalidRequestError, match=message):
+            completion_prompt(bad)
+
+
+def test_stop_sequences() -> None:
+    assert stop_sequences(None, SETTINGS) == []
+    assert stop_sequences("x", SETTINGS) == ["x"]
+    with pytest.raises(InvalidRequestError, match="must not be empty"):
+        stop_sequences([""], SETTINGS)
+    with pytest.raises(InvalidRequestError, match="at most 8"):
+        stop_sequences(["a"] * 9, SETTINGS)
+
+
+def test_chat_messages_flatten_text_parts_and_map_developer() -> None:
+    messages = [ChatMessage.model_validate({"role": "developer", "content": "be brief"}),
+                ChatMessage.model_validate({"role": "user", "content": [
+                    {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]})]
+    assert chat_messages(messages, SETTINGS) == [{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "ab"}]
+    with pytest.raises(InvalidRequestError, match="at most 3 messages"):
+        chat_messages(messages * 2, SETTINGS)
+    with pytest.raises(InvalidRequestError, match="some text"):
+        chat_messages([ChatMessage(role="user", content="")], SETTINGS)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"n": 2}, "n>1 is not supported"),
+    ({"n": 0}, "n must be 1"),
+    ({"logprobs": True}, "logprobs are not supported"),
+    ({"top_logprobs": 2}, "logprobs are not supported"),
+    ({"tools": [{"type": "function"}]}, "tools are not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+])
+def test_unsupported_features_are_rejected(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message):
+        check_supported(chat(**fields))
+
+
+def test_supported_defaults_pass() -> None:
+    check_supported(chat(n=1, logprobs=False, presence_penalty=0, response_format={"type": "text"}))
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True})
+    with pytest.raises(InvalidRequestError, match="echo"):
+        check_supported(body)
+
+
+def test_sampling_params() -> None:
+    params = sampling_params(chat(temperature=0, top_k=-1, seed=3, ignore_eos=True,
+                                  stop_token_ids=[5]), max_tokens=7, stop=["s"], vocab_size=10)
+    assert (params.max_tokens, params.temperature, params.top_k, params.seed) == (7, 0.0, 0, 3)
+    assert params.is_greedy and params.ignore_eos and params.stop == ["s"]
+    with pytest.raises(InvalidRequestError, match="min_tokens"):
+        sampling_params(chat(min_tokens=8), max_tokens=7, stop=[], vocab_size=10)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        sampling_params(chat(stop_token_ids=[10]), max_tokens=7, stop=[], vocab_size=10)
