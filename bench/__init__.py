@@ -1,0 +1,1 @@
+"""``tokenfleet bench``: load generator, baselines and reports (see docs/benchmarks.md)."""

@@ -1,0 +1,59 @@
+"""The benchmark workloads: fixed chat prompts with exact token budgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about autumn leaves.",
+    "Explain how a bicycle works to a child.",
+    "List five fruits that are rich in vitamin C.",
+    "What are the benefits of regular exercise?",
+    "Describe the water cycle in simple terms.",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I make a cup of green tea?",
+    "What is the difference between weather and climate?",
+    "Tell me a fun fact about octopuses.",
+    "Write a haiku about the ocean.",
+    "What should I pack for a weekend camping trip?",
+    "Explain what a computer program is.",
+    "Suggest a name for a friendly robot.",
+)
+
+MIXED_MAX_TOKENS = (16, 256, 32, 128, 64, 16, 32, 64)
+UNIFORM_MAX_TOKENS = 64
+WORKLOADS = ("mixed", "uniform")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    index: int
+    prompt: str
+    max_tokens: int
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.prompt}]
+
+
+def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
+                  ) -> list[BenchRequest]:
+    """``count`` requests; ``mixed`` cycles max_tokens 16, 256, 32, 128, 64, 16, 32, 64."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    out = []
+    for i in range(count):
+        budget = MIXED_MAX_TOKENS[i % len(MIXED_MAX_TOKENS)] if workload == "mixed" \
+            else UNIFORM_MAX_TOKENS
+        if max_tokens_cap:
+            budget = min(budget, max_tokens_cap)
+        out.append(BenchRequest(i, PROMPTS[i % len(PROMPTS)], budget))
+    return out
+
+
+def split_among_clients(requests: list[BenchRequest], clients: int) -> list[list[BenchRequest]]:
+    """Closed loop: client ``c`` sends requests ``c, c + N, c + 2N, ...`` one after another."""
+    return [requests[c::clients] for c in range(clients)]
