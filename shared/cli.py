@@ -454,7 +454,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     _add_model_commands(commands)
+    _add_bench_command(commands)
     return parser
+
+
+def _add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from bench import cli as bench_cli  # argument definitions only: imports no torch
+
+    bench = commands.add_parser(
+        "bench", help="benchmark tokenfleet against its baselines",
+        description="Run the benchmark systems (naive, static batching, transformers CB, "
+        "engine, full path, bus) and report JSON, Markdown and a plot.")
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(func=lambda args: bench_cli.run(args, Settings()))
 
 
 def _add_http_flags(parser: argparse.ArgumentParser) -> None:
