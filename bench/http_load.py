@@ -33,8 +33,8 @@ def chunk_text(chunk: dict) -> str:  # type: ignore[type-arg]
 
 
 async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest,
-               submitted: float) -> RequestRecord:
-    rec = RequestRecord(submitted=submitted)
+               submitted: float, client_id: int = 0) -> RequestRecord:
+    rec = RequestRecord(submitted=submitted, client=client_id)
     body = {"model": model, "messages": request.messages, "max_tokens": request.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -95,9 +95,9 @@ async def run_http(base_url: str, model: str, per_client: list[list[BenchRequest
             if redis_url else None
         start = time.perf_counter()
         if rate is None:
-            async def loop(queue: list[BenchRequest]) -> list[RequestRecord]:
-                return [await _one(client, model, r, time.perf_counter()) for r in queue]
-            per = await asyncio.gather(*(loop(q) for q in per_client))
+            async def loop(queue: list[BenchRequest], cid: int) -> list[RequestRecord]:
+                return [await _one(client, model, r, time.perf_counter(), cid) for r in queue]
+            per = await asyncio.gather(*(loop(q, i) for i, q in enumerate(per_client)))
             records = [r for recs in per for r in recs]
         else:
             rng = random.Random(seed)

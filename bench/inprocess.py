@@ -80,7 +80,7 @@ def run_engine(bundle: Bundle, per_client: list[list[BenchRequest]],
 
     def submit(client: int, request: BenchRequest, at: float) -> None:
         rid = f"c{client}-{request.index}"
-        records[rid] = RequestRecord(submitted=at)
+        records[rid] = RequestRecord(submitted=at, client=client)
         owner[rid] = client
         engine.add_request(EngineRequest(rid, bundle.ids(request), _params(request.max_tokens)))
 
@@ -139,7 +139,8 @@ def run_naive(bundle: Bundle, per_client: list[list[BenchRequest]],
         client, request, submitted = pending.popleft()
         _generate(bundle, [bundle.ids(request)], request.max_tokens)
         now = time.perf_counter()
-        records.append(RequestRecord(submitted, request.max_tokens, now, now, [now]))
+        records.append(RequestRecord(submitted, request.max_tokens, now, now, [now],
+                                     client=client))
         if queues[client]:
             pending.append((client, queues[client].popleft(), now))
     return records, time.perf_counter() - start, 1.0
@@ -163,7 +164,8 @@ def run_static(bundle: Bundle, per_client: list[list[BenchRequest]],
         _generate(bundle, [bundle.ids(r) for _, r, _ in batch], longest)
         now = time.perf_counter()
         for client, request, submitted in batch:
-            records.append(RequestRecord(submitted, request.max_tokens, now, now, [now]))
+            records.append(RequestRecord(submitted, request.max_tokens, now, now, [now],
+                                         client=client))
             if queues[client]:
                 waiting.append((client, queues[client].popleft(), now))
     return records, time.perf_counter() - start, sum(sizes) / max(len(sizes), 1)
@@ -189,7 +191,7 @@ def run_hf_continuous(bundle: Bundle, per_client: list[list[BenchRequest]],
 
     def submit(client: int, request: BenchRequest, at: float) -> None:
         rid = f"c{client}-{request.index}"
-        records[rid], owner[rid] = RequestRecord(submitted=at), client
+        records[rid], owner[rid] = RequestRecord(submitted=at, client=client), client
         manager.add_request(bundle.ids(request), request_id=rid,
                             max_new_tokens=request.max_tokens, record_timestamps=True,
                             eos_token_id=-1)

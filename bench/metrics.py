@@ -17,6 +17,7 @@ class RequestRecord:
     finished: float | None = None
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
+    client: int = 0
 
     @property
     def ttft(self) -> float | None:
@@ -41,9 +42,37 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
+def steady_window(records: list[RequestRecord]) -> tuple[float, float] | None:
+    """From the first submission until the first client has nothing left to send: every
+    client is busy all along, so the rate inside excludes the closed loop's drain tail."""
+    done_at: dict[int, float] = {}
+    for r in records:
+        if r.finished is not None:
+            done_at[r.client] = max(done_at.get(r.client, 0.0), r.finished)
+    if not done_at:
+        return None
+    start = min(r.submitted for r in records)
+    end = min(done_at.values())
+    return (start, end) if end > start else None
+
+
+def _tokens_within(records: list[RequestRecord], start: float, end: float) -> int:
+    total = 0
+    for r in records:
+        if len(r.token_times) == r.output_tokens:  # one arrival per token: count each
+            total += sum(1 for t in r.token_times if start <= t <= end)
+        elif r.finished is not None and start <= r.finished <= end:  # whole answer at once
+            total += r.output_tokens
+    return total
+
+
 def summarize(records: list[RequestRecord], wall_s: float,
               mean_batch: float | None = None) -> dict[str, float | int | None]:
     ok = [r for r in records if r.error is None and r.finished is not None]
+    window = steady_window(ok)
+    steady = None
+    if window is not None:
+        steady = round(_tokens_within(ok, *window) / (window[1] - window[0]), 2)
     tokens = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     itls = [gap for r in ok for gap in r.itls()]
@@ -60,6 +89,7 @@ def summarize(records: list[RequestRecord], wall_s: float,
         "output_tokens": tokens,
         "wall_s": round(wall_s, 3),
         "output_tokens_per_s": round(tokens / wall_s, 2) if wall_s > 0 else None,
+        "steady_tokens_per_s": steady,
         "requests_per_s": round(len(ok) / wall_s, 3) if wall_s > 0 else None,
         "ttft_p50_ms": p(ttfts, 50), "ttft_p99_ms": p(ttfts, 99),
         "itl_p50_ms": p(itls, 50), "itl_p99_ms": p(itls, 99),

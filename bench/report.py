@@ -11,6 +11,7 @@ from typing import Any
 
 COLUMNS = [
     ("system", "system"), ("concurrency", "conc."), ("output_tokens_per_s", "out tok/s"),
+    ("steady_tokens_per_s", "steady tok/s"),
     ("requests_per_s", "req/s"), ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"),
     ("itl_p50_ms", "ITL p50 ms"), ("itl_p99_ms", "ITL p99 ms"), ("e2e_p50_ms", "e2e p50 ms"),
     ("e2e_p99_ms", "e2e p99 ms"), ("mean_batch", "mean batch"), ("requests", "reqs"),
@@ -64,10 +65,12 @@ def markdown(result: dict[str, Any]) -> str:
         if row.get("note"):
             lines.append(f"\n- `{row['system']}` at {row['concurrency']}: {row['note']}")
     if result.get("targets"):
-        lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+        lines += ["", "| target | steady state | whole run | goal | met (steady) |",
+                  "|---|---|---|---|---|"]
         for t in result["targets"]:
             met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['name']} | {_cell(t['value'])} | {t['goal']} | {met} |")
+            lines.append(f"| {t['name']} | {_cell(t['value'])} | {_cell(t.get('whole_run'))} "
+                         f"| {t['goal']} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -60,10 +60,22 @@ def test_markdown_report_has_a_row_per_run_and_the_targets() -> None:
                  "matmul_gflops": 400.0, "parameters": 1000},
         "runs": [{"system": "engine", "concurrency": 4, "output_tokens_per_s": 100.0},
                  {"system": "hf-cb", "concurrency": 32, "note": "did not run: X"}],
-        "targets": [{"name": "t", "value": 1.5, "goal": ">= 2", "met": False}],
+        "targets": [{"name": "t", "value": 1.5, "whole_run": 1.2, "goal": ">= 2",
+                     "met": False}],
     }
     text = markdown(result)
     header = next(line for line in text.splitlines() if line.startswith("| system"))
     assert header.count("|") == len(COLUMNS) + 1
-    assert "| engine | 4 | 100.0 |" in text
-    assert "did not run: X" in text and "| t | 1.50 | >= 2 | **no** |" in text
+    assert "| engine | 4 | 100.0 | n/a |" in text
+    assert "did not run: X" in text and "| t | 1.50 | 1.20 | >= 2 | **no** |" in text
+
+
+def test_steady_window_ends_when_the_first_client_runs_dry() -> None:
+    from bench.metrics import steady_window
+
+    a = RequestRecord(0.0, 2, 0.5, 1.0, [0.5, 1.0], client=0)
+    b = RequestRecord(0.0, 4, 0.5, 3.0, [0.5, 1.0, 2.0, 3.0], client=1)
+    assert steady_window([a, b]) == (0.0, 1.0)
+    s = summarize([a, b], wall_s=3.0)
+    assert s["steady_tokens_per_s"] == 4.0  # 2 + 2 tokens by t=1.0
+    assert s["output_tokens_per_s"] == 2.0
