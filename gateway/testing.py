@@ -80,6 +80,7 @@ class FakeWorker:
     def __post_init__(self) -> None:
         self._tokenizer = Tokenizer.from_str(self.info.tokenizer_json.decode())
         self._tasks: set[asyncio.Task[None]] = set()
+        self.stopped = False
 
     async def register(self) -> None:
         """Publish the model info and one heartbeat."""
@@ -96,7 +97,7 @@ class FakeWorker:
 
     async def run(self) -> None:
         streams = {self.keys.requests_stream(self.info.name, lane): "0" for lane in LANES}
-        while True:
+        while not self.stopped:
             replies = await self.redis.xread(streams, block=50, count=16)  # type: ignore[arg-type]
             for stream, entries in replies or []:
                 for entry_id, fields in entries:
@@ -179,10 +180,13 @@ async def running_worker(worker: FakeWorker) -> AsyncIterator[FakeWorker]:
     try:
         yield worker
     finally:
+        # A cancel that lands inside redis-py's blocking read can be swallowed there, so the
+        # loop also checks a flag, and the wait is bounded.
+        worker.stopped = True
         for running in (task, *worker._tasks):
             running.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError):
-            await task  # a RedisError: the test stopped Redis under the worker
+        with contextlib.suppress(asyncio.CancelledError, RedisError, TimeoutError):
+            await asyncio.wait_for(task, timeout=5)
 
 
 @contextlib.asynccontextmanager
