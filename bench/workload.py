@@ -55,5 +55,16 @@ def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
 
 
 def split_among_clients(requests: list[BenchRequest], clients: int) -> list[list[BenchRequest]]:
-    """Closed loop: client ``c`` sends requests ``c, c + N, c + 2N, ...`` one after another."""
-    return [requests[c::clients] for c in range(clients)]
+    """Closed loop: each client sends a contiguous block of requests one after another.
+
+    Blocks, not ``c, c + N, ...``: with N a multiple of the mixed cycle's length, striding
+    would give one client every 256-token request and another every 16-token one; with 8
+    requests per client every client walks the whole cycle and carries the same work.
+    """
+    base, extra = divmod(len(requests), clients)
+    out, start = [], 0
+    for c in range(clients):
+        size = base + (1 if c < extra else 0)
+        out.append(requests[start:start + size])
+        start += size
+    return out

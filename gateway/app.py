@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.backlog import Backlog
 from gateway.catalog import Catalog
 from gateway.errors import install_exception_handlers
 from gateway.events import Dispatcher
@@ -64,5 +65,6 @@ def _build_state(settings: Settings) -> GatewayState:
         gateway_id=gateway_id,
         dispatcher=Dispatcher(redis, keys.gateway_channel(gateway_id)),
         catalog=Catalog(redis, keys, settings.heartbeat_ttl_s),
+        backlog=Backlog(redis, keys, settings.backlog_limit),
         jobs=JobStore(redis, keys, settings.job_ttl_s),
     )

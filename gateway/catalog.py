@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 
 from gateway.tokenize import PromptTokenizer
-from shared.errors import ModelNotFoundError, ServiceUnavailableError
+from shared.errors import InvalidRequestError, ModelNotFoundError, ServiceUnavailableError
 from shared.keys import Keys
 from shared.model_info import ModelInfo
 
@@ -115,6 +115,22 @@ class Catalog:
         listed = ", ".join(sorted(available)) or "none (no worker is running)"
         raise ModelNotFoundError(f"model {name!r} is not served here; available models: "
                                  f"{listed}", param="model")
+
+    async def resolve_model(self, name: str | None) -> str:
+        """The model a request is for: ``name``, or the only one served when it is omitted."""
+        if name is not None:
+            await self.require_model(name)
+            return name
+        served = await self.served_models()
+        if len(served) != 1:
+            served = await self.served_models(fresh=True)
+        if len(served) == 1:
+            return next(iter(served))
+        if not served:
+            raise ModelNotFoundError("no model is served: no worker is running", param="model")
+        raise InvalidRequestError(
+            f"this fleet serves several models; set \"model\" to one of: "
+            f"{', '.join(sorted(served))}", param="model")
 
     # --- model info and tokenizers --------------------------------------------------------
 

@@ -37,7 +37,8 @@ class ChatMessage(_Strict):
 class GenerationParams(_Strict):
     """Fields shared by chat completions, completions and jobs."""
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(default=None, min_length=1,
+                              description="optional when the fleet serves exactly one model")
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -61,6 +62,9 @@ class GenerationParams(_Strict):
     user: str | None = None
     lane: Lane | None = Field(default=None, description="extension: queue lane")
     priority: Lane | None = Field(default=None, description="extension: alias of lane")
+    timeout: float | None = Field(default=None, gt=0, le=86_400,
+                                  description="extension: seconds the request may wait in "
+                                  "the queue before it is dropped unserved")
 
     @property
     def include_usage(self) -> bool:

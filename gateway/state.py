@@ -10,6 +10,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.backlog import Backlog
 from gateway.catalog import Catalog
 from gateway.events import Dispatcher
 from gateway.jobs import JobStore
@@ -28,6 +29,7 @@ class GatewayState:
     dispatcher: Dispatcher
     catalog: Catalog
     jobs: JobStore
+    backlog: Backlog
     is_shutting_down: bool = False
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -81,8 +81,8 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     chat = chat_messages(messages, settings) if messages is not None else None
     text = completion_prompt(prompt) if chat is None else None
 
-    await gw.catalog.require_model(body.model)
-    entry = await gw.catalog.model(body.model)
+    model = await gw.catalog.resolve_model(body.model)
+    entry = await gw.catalog.model(model)
     kind: Kind
     if chat is not None:
         token_ids, kind, param = entry.tokenizer.encode_chat(chat), "chat", "messages"
@@ -95,11 +95,14 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
                                    settings, prompt_param=param)
     params = sampling_params(body, max_tokens=max_tokens, stop=stop,
                              vocab_size=entry.info.vocab_size)
+    if params.seed is None and not params.is_greedy:
+        params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
+    await gw.backlog.check(model)
     now = time.time()
-    timeout_s = settings.request_timeout_s
+    timeout_s = body.timeout or settings.request_timeout_s
     request = GenerateRequest(
         id=new_id(id_prefix),
-        model=body.model,
+        model=model,
         prompt_token_ids=token_ids,
         params=params,
         reply_channel=gw.reply_channel if live else "",
@@ -118,7 +121,6 @@ async def enqueue(gw: GatewayState, submission: Submission) -> None:
     keys = gw.keys
     job_key = keys.job(request.id)
     stream = keys.requests_stream(request.model, request.lane)
-    # Backpressure (backlog_limit -> 429) will check the stream length here.
     try:
         async with gw.redis.pipeline(transaction=True) as pipe:
             pipe.hset(job_key, mapping=submission.job_fields(gw.gateway_id))

@@ -32,10 +32,10 @@ def test_field_errors_name_the_field() -> None:
 
 
 def test_missing_and_range_errors() -> None:
-    message, param = validation_message(errors_of({"messages": [], "temperature": 9}))
-    assert "model: this field is required" in message
+    message, param = validation_message(errors_of({"model": "m", "temperature": 9}))
+    assert "messages: this field is required" in message
     assert "temperature: Input should be less than or equal to 2" in message
-    assert param == "model"
+    assert param == "messages"
 
 
 def test_json_and_body_type_errors() -> None:
