@@ -55,16 +55,26 @@ def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
 
 
 def split_among_clients(requests: list[BenchRequest], clients: int) -> list[list[BenchRequest]]:
-    """Closed loop: each client sends a contiguous block of requests one after another.
+    """Closed loop: deal ``requests`` out so that every client walks the max_tokens cycle from
+    its own starting point: client ``c`` sends budgets ``cycle[c], cycle[c + 1], ...``.
 
-    Blocks, not ``c, c + N, ...``: with N a multiple of the mixed cycle's length, striding
-    would give one client every 256-token request and another every 16-token one; with 8
-    requests per client every client walks the whole cycle and carries the same work.
+    Striding (``c, c + N, ...``) would give one client every 256-token request when N is a
+    multiple of the cycle; contiguous blocks would keep all clients in phase, so a static
+    batch would be all-16 or all-256 tokens and never pay for padding. With a per-client
+    phase, every client carries the same work (whole cycles) and batches stay mixed.
     """
+    by_budget: dict[int, list[BenchRequest]] = {}
+    for r in requests:
+        by_budget.setdefault(r.max_tokens, []).append(r)
+    order = [r.max_tokens for r in requests[:len(MIXED_MAX_TOKENS)]]
     base, extra = divmod(len(requests), clients)
-    out, start = [], 0
+    out: list[list[BenchRequest]] = []
     for c in range(clients):
         size = base + (1 if c < extra else 0)
-        out.append(requests[start:start + size])
-        start += size
+        mine = []
+        for k in range(size):
+            wanted = order[(c + k) % len(order)]
+            pool = by_budget.get(wanted) or next(p for p in by_budget.values() if p)
+            mine.append(pool.pop())
+        out.append(mine)
     return out

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from gateway.auth import Authenticator
 from gateway.backlog import Backlog
 from gateway.catalog import Catalog
 from gateway.errors import install_exception_handlers
@@ -18,6 +19,7 @@ from gateway.middleware import BodyLimitMiddleware
 from gateway.routers import chat, completions, health, jobs, models
 from gateway.state import GatewayState
 from shared.keys import Keys
+from shared.ratelimit import RateLimiter
 from shared.redis_conn import async_client
 from shared.settings import Settings
 
@@ -66,5 +68,7 @@ def _build_state(settings: Settings) -> GatewayState:
         dispatcher=Dispatcher(redis, keys.gateway_channel(gateway_id)),
         catalog=Catalog(redis, keys, settings.heartbeat_ttl_s),
         backlog=Backlog(redis, keys, settings.backlog_limit),
+        auth=Authenticator(settings, redis, keys),
+        limiter=RateLimiter(redis, keys),
         jobs=JobStore(redis, keys, settings.job_ttl_s),
     )

@@ -10,11 +10,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.auth import Authenticator
 from gateway.backlog import Backlog
 from gateway.catalog import Catalog
 from gateway.events import Dispatcher
 from gateway.jobs import JobStore
 from shared.keys import Keys
+from shared.ratelimit import RateLimiter
 from shared.settings import Settings
 
 logger = logging.getLogger("tokenfleet.gateway")
@@ -30,6 +32,8 @@ class GatewayState:
     catalog: Catalog
     jobs: JobStore
     backlog: Backlog
+    auth: Authenticator
+    limiter: RateLimiter
     is_shutting_down: bool = False
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 

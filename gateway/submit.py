@@ -28,7 +28,7 @@ from gateway.validate import (
     sampling_params,
     stop_sequences,
 )
-from shared.errors import InvalidRequestError
+from shared.errors import InvalidRequestError, RateLimitedError
 from shared.protocol import GenerateRequest, pack
 
 ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl", "completion": "cmpl", "job": "job"}
@@ -97,7 +97,11 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
                              vocab_size=entry.info.vocab_size)
     if params.seed is None and not params.is_greedy:
         params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
-    await gw.backlog.check(model)
+    await gw.backlog.check(model)  # before the rate limiter spends the key's budget
+    decision = await gw.limiter.check(principal.owner, principal.rpm, principal.tpm,
+                                      len(token_ids) + max_tokens)
+    if not decision.allowed:
+        raise RateLimitedError(decision.reason, retry_after_s=decision.retry_after_s)
     now = time.time()
     timeout_s = body.timeout or settings.request_timeout_s
     request = GenerateRequest(

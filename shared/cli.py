@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -340,8 +340,9 @@ def _banner(settings: Settings, plan: RedisPlan, redis_url: str, workers: int,
             model: str) -> str:
     host = _local_host(settings.host)
     listening = "" if host == settings.host else f"  (listening on {settings.host})"
-    auth = (f"on, {len(settings.api_keys)} static keys" if settings.auth
-            else "off (local use)")
+    auth = (f"on: {len(settings.api_keys)} static keys (TOKENFLEET_API_KEYS) and the keys in "
+            "Redis (tokenfleet keys create)" if settings.auth
+            else "off (local use; set TOKENFLEET_AUTH=true to require API keys)")
     return "\n".join([
         "",
         "tokenfleet is up",
@@ -455,7 +456,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(commands)
     _add_bench_command(commands)
+    _add_keys_commands(commands)
     return parser
+
+
+def _add_keys_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="manage API keys stored (hashed) in Redis",
+                               description="Create, list and revoke API keys. Only a SHA-256 "
+                               "digest of each key is stored; TOKENFLEET_AUTH=true enforces them.")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key and print it once")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute (override)")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute (override)")
+    create.set_defaults(func=cmd_keys_create)
+    actions.add_parser("list", help="list keys (never the keys themselves)").set_defaults(
+        func=cmd_keys_list)
+    revoke = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the id shown by `tokenfleet keys list`")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+
+def _key_store() -> tuple[Any, Any]:
+    from shared.keys import Keys
+    from shared.redis_conn import sync_client
+
+    settings = Settings()
+    return sync_client(settings), Keys(settings.key_prefix)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from shared.apikeys import create_key
+
+    client, keys = _key_store()
+    key, record = create_key(client, keys, args.name, args.rpm, args.tpm)
+    print(key)
+    print(f"id {record.id} ({record.name}). This key is shown once: store it now.",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from shared.apikeys import list_keys
+
+    client, keys = _key_store()
+    print(f"{'id':<18} {'name':<24} {'created (UTC)':<20} {'revoked':<8} rpm   tpm")
+    for rec in list_keys(client, keys):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rec.created_at))
+        revoked = "yes" if rec.revoked else "no"
+        rpm = "-" if rec.rpm is None else str(rec.rpm)
+        tpm = "-" if rec.tpm is None else str(rec.tpm)
+        print(f"{rec.id:<18} {rec.name[:24]:<24} {created:<20} {revoked:<8} {rpm:<5} {tpm}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from shared.apikeys import revoke_key
+
+    client, keys = _key_store()
+    record = revoke_key(client, keys, args.key_id)
+    print(f"revoked {record.id} ({record.name}); gateways stop accepting it within seconds")
+    return 0
 
 
 def _add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
