@@ -28,7 +28,7 @@ from gateway.validate import (
     sampling_params,
     stop_sequences,
 )
-from shared.errors import InvalidRequestError, RateLimitedError
+from shared.errors import InvalidRequestError, RateLimitedError, ServiceUnavailableError
 from shared.protocol import GenerateRequest, pack
 
 ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl", "completion": "cmpl", "job": "job"}
@@ -73,6 +73,8 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
                   messages: list[ChatMessage] | None, prompt: str | list[object] | None,
                   id_prefix: str, live: bool) -> Submission:
     """Validate and tokenize; nothing is written to Redis here."""
+    if gw.is_shutting_down:
+        raise ServiceUnavailableError("this gateway is shutting down; retry on another one")
     settings = gw.settings
     check_supported(body)
     requested = requested_max_tokens(body)

@@ -206,3 +206,18 @@ def test_cancelling_a_job_frees_its_slot(fleet: Fleet) -> None:
         assert info["status"] == "cancelled"
         assert r.hget(keys.worker(worker), "batch_size") == b"0"
         assert info["completion_tokens"] < 2000
+
+
+def test_sigterm_on_the_gateway_lets_open_streams_finish(fleet: Fleet) -> None:
+    fleet.start_gateway()
+    fleet.start_worker()
+    fleet.wait_ready(num_workers=1)
+    threads, results = _start_streams(fleet, 3, max_tokens=64)
+    _wait_running(fleet, 3)
+    assert fleet.gateway is not None
+    fleet.gateway.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=120)
+    assert fleet.gateway.wait(timeout=60) == 0
+    for res in results:
+        assert res.get("done") and res["error"] is None and res["finish"] == "length", res
