@@ -82,6 +82,8 @@ async def _tokenfleet_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, RateLimitedError):
         headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, AuthError):
+        headers["WWW-Authenticate"] = "Bearer"
     if status >= 500:
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, exc)
     return JSONResponse(body, status_code=status, headers=headers)

@@ -46,6 +46,7 @@ async def test_stored_keys_authenticate_and_revoked_ones_do_not(
         missing = await http.post("/v1/jobs", json={"prompt": "hi"})
         assert missing.status_code == 401
         assert missing.json()["error"]["type"] == "authentication_error"
+        assert missing.headers["www-authenticate"] == "Bearer"
         assert (await http.post("/v1/jobs", json={"prompt": "hi"},
                                 headers=_bearer("tf-wrong"))).status_code == 401
         job = await http.post("/v1/jobs", json={"prompt": "hi"}, headers=_bearer(key))
