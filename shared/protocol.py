@@ -11,7 +11,7 @@ Decoding is defensive: anything that is not a well-formed message of a known ver
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -90,13 +90,21 @@ class TokenEvent:
 # --- encoding -----------------------------------------------------------------------------
 
 
+def _shallow(obj: Any) -> dict[str, Any]:
+    """Fields as a dict without ``asdict``'s deep copy of every token-id list."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
 def pack(obj: GenerateRequest | TokenEvent) -> bytes:
-    return msgpack.packb(asdict(obj), use_bin_type=True)
+    data = _shallow(obj)
+    if isinstance(obj, GenerateRequest):
+        data["params"] = _shallow(obj.params)
+    return msgpack.packb(data, use_bin_type=True)
 
 
 def pack_events(events: list[TokenEvent]) -> bytes:
     """A batch of events for one pub/sub message."""
-    return msgpack.packb([asdict(e) for e in events], use_bin_type=True)
+    return msgpack.packb([_shallow(e) for e in events], use_bin_type=True)
 
 
 def _unpack(data: bytes) -> Any:
