@@ -193,7 +193,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         self.meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), workload=self.args.workload,
                          mode=self.args.mode, model=self.settings.model_name,
-                         command="tokenfleet bench " + " ".join(sys.argv[2:]))
+                         command="tokenfleet bench " + " ".join(_bench_args(sys.argv)))
         self.run_inprocess()
         if "full" in self.systems:
             self.run_full()
@@ -207,6 +207,11 @@ class Bench:
         self.meta["machine"] = machine()
         return {"meta": self.meta, "runs": self.runs,
                 "targets": [] if self.args.quick else self.targets()}
+
+
+def _bench_args(argv: list[str]) -> list[str]:
+    """The arguments after ``bench`` (``tokenfleet bench ...``) or the script (``-m bench``)."""
+    return argv[argv.index("bench") + 1:] if "bench" in argv else argv[1:]
 
 
 def _poisson(count: int, rate: float, seed: int = 0) -> list[float]:
