@@ -124,3 +124,34 @@ def test_keys_cli_create_list_revoke(redis_url: str) -> None:
     assert " yes " in cli("list").stdout
     missing = cli("revoke", "key_nope")
     assert missing.returncode == 1 and "no API key" in missing.stderr
+
+
+async def test_redis_password_goes_in_the_url(tmp_path: object) -> None:
+    import shutil
+    import time as _time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port),
+                             "--bind", "127.0.0.1", "--save", "", "--requirepass", "s3cret"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{port}/0"
+        for _ in range(100):
+            try:
+                if redis.Redis.from_url(url).ping():
+                    break
+            except redis.ConnectionError:
+                _time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(f"redis://127.0.0.1:{port}/0").set("x", "1")
+        client = async_client(Settings(redis_url=url))
+        await FakeWorker(client, KEYS, tiny_model_info()).register()
+        async with gateway_client(Settings(redis_url=url, key_prefix=PREFIX)) as (http, _):
+            assert (await http.get("/readyz")).status_code == 200
+            assert (await http.post("/v1/jobs", json={"prompt": "hi"})).status_code == 202
+        await client.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
