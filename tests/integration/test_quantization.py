@@ -13,6 +13,7 @@ from worker.engine.types import EngineRequest
 
 pytestmark = pytest.mark.slow
 
+
 def _chat_ids(question: str) -> list[int]:
     from transformers import AutoTokenizer
 
