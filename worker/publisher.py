@@ -82,6 +82,20 @@ class Outbox:
                     or self.dead_letters or self.acks)
 
 
+# Append a job's events and text once: a transaction whose reply was lost (Redis went away
+# right after EXEC) is sent again by the retry, and must not store its events twice. The
+# event list's length is the next seq; a list already past this batch's first seq has it.
+# A shorter list (Redis lost data) still gets the events. On a (re)start the text resets.
+# KEYS: events list, text. ARGV: first seq, reset text (0/1), ttl, text, packed events...
+APPEND_ONCE = """
+if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[1]) then return 0 end
+if ARGV[2] == '1' then redis.call('SET', KEYS[2], '', 'EX', ARGV[3]) end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+if #ARGV[4] > 0 then redis.call('APPEND', KEYS[2], ARGV[4]) end
+return 1
+"""
+
+
 def pack_event_batch(packed_events: list[bytes]) -> bytes:
     """The same bytes as ``shared.protocol.pack_events``, from events packed one by one."""
     header = bytes(msgpack.Packer().pack_array_header(len(packed_events)))
@@ -97,6 +111,7 @@ class Publisher:
         self.stream_maxlen = stream_maxlen
         self.dead_letter_stream = keys.dead_letter_stream(model)
         self.outbox = Outbox()
+        self._append: Any = None  # the APPEND_ONCE script, registered on the first flush
 
     # --- queueing writes ----------------------------------------------------------------
 
@@ -177,6 +192,8 @@ class Publisher:
         connection errors."""
         if self.outbox.is_empty and not cancel_watch:
             return set()
+        if self._append is None:
+            self._append = client.register_script(APPEND_ONCE)
         pipe = client.pipeline(transaction=True)
         self._write(pipe, self.outbox)
         if cancel_watch:
@@ -196,12 +213,10 @@ class Publisher:
         for job_id, fields in box.starts:
             pipe.hset(self.keys.job(job_id), mapping=fields)
             pipe.expire(self.keys.job(job_id), ttl_s)
-            pipe.set(self.keys.job_text(job_id), b"", ex=ttl_s)  # a restart drops old text
         self._write_events(pipe, box)
         for job_id, _ in box.starts:
             pipe.expire(self.keys.job_events(job_id), ttl_s)
-        for job_id, parts in box.texts.items():
-            pipe.append(self.keys.job_text(job_id), "".join(parts))
+            pipe.expire(self.keys.job_text(job_id), ttl_s)
         for job_id, fields in box.finishes:
             pipe.hset(self.keys.job(job_id), mapping=fields)
             for key in (self.keys.job(job_id), self.keys.job_text(job_id),
@@ -222,7 +237,14 @@ class Publisher:
             by_job.setdefault(event.id, []).append(packed)
             if channel:
                 by_channel.setdefault(channel, []).append(packed)
+        first_seq = {}
+        for _, event in box.events:
+            first_seq.setdefault(event.id, event.seq)
+        restarted = {job_id for job_id, _ in box.starts}
         for job_id, packed_events in by_job.items():
-            pipe.rpush(self.keys.job_events(job_id), *packed_events)
+            text = "".join(box.texts.get(job_id, ()))
+            self._append(keys=[self.keys.job_events(job_id), self.keys.job_text(job_id)],
+                         args=[first_seq[job_id], int(job_id in restarted), self.job_ttl_s,
+                               text, *packed_events], client=pipe)
         for channel, packed_events in by_channel.items():
             pipe.publish(channel, pack_event_batch(packed_events))

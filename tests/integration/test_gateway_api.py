@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 
 from gateway.testing import FakeWorker, gateway_client, parse_sse, running_worker, tiny_model_info
 from shared.keys import LANES, Keys
-from shared.redis_conn import async_client
 from shared.settings import Settings
 
 PREFIX = "tftest"
@@ -24,13 +23,6 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}]}
 def settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, key_prefix=PREFIX, max_body_bytes=16_384,
                     default_max_tokens=16, max_tokens_cap=200)
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = async_client(settings)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 
 from gateway.testing import FakeWorker, gateway_client, parse_sse, running_worker, tiny_model_info
 from shared.keys import Keys
-from shared.redis_conn import async_client
 from shared.settings import Settings
 
 PREFIX = "tftest"
@@ -23,13 +22,6 @@ KEYS = Keys(PREFIX)
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, key_prefix=PREFIX, default_max_tokens=16)
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = async_client(settings)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

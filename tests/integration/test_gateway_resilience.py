@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -33,13 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
     return Settings(redis_url=redis_url, key_prefix=PREFIX, default_max_tokens=16)
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = async_client(settings)
-    yield client
-    await client.aclose()
 
 
 async def test_redis_down_answers_503_quickly(settings: Settings, redis: aioredis.Redis,

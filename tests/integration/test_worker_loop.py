@@ -15,6 +15,7 @@ from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import GenerateRequest, SamplingParams, TokenEvent, pack, unpack_events
 from shared.settings import Settings
 from tests.conftest import RedisServer
+from tests.integration import waiting
 from worker.heartbeat import STATE_READY, Heartbeat, WorkerStatus
 from worker.main import make_worker_id, start_heartbeat
 from worker.null_engine import NullEngine, null_model_info
@@ -52,19 +53,7 @@ class RunningWorker:
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
+    waiting.wait_for(predicate, timeout_s)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import redis
 
 from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import GenerateRequest, SamplingParams, pack
+from tests.integration import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -38,19 +39,7 @@ sys.exit(run(settings, build=build))
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
+    waiting.wait_for(predicate, timeout_s)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -15,13 +14,6 @@ from worker.reclaimer import Reclaimer
 pytestmark = pytest.mark.integration
 
 KEYS = Keys("tftest")
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(redis_url)
-    yield conn
-    conn.close()
 
 
 @pytest.fixture
