@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from redis.exceptions import RedisError
 
 from gateway.auth import Authenticator
 from gateway.backlog import Backlog
@@ -18,6 +19,7 @@ from gateway.jobs import JobStore
 from gateway.middleware import BodyLimitMiddleware
 from gateway.routers import chat, completions, health, jobs, models
 from gateway.state import GatewayState
+from shared.apikeys import count_keys
 from shared.keys import Keys
 from shared.ratelimit import RateLimiter
 from shared.redis_conn import async_client
@@ -35,6 +37,7 @@ def create_app(settings: Settings) -> FastAPI:
         await gw.dispatcher.start()  # subscribed before the first request is served
         app.state.gateway = gw
         logger.info("gateway %s ready (events on %s)", gw.gateway_id, gw.reply_channel)
+        await _log_auth_mode(gw)
         try:
             yield
         finally:
@@ -54,6 +57,26 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (chat, completions, jobs, models, health):
         app.include_router(module.router)
     return app
+
+
+async def _log_auth_mode(gw: GatewayState) -> None:
+    """Say at start which mode the gateway runs in; warn when no key could ever pass."""
+    settings = gw.settings
+    limits = (f"rate limits per key: {settings.rate_limit_rpm or 'unlimited'} requests/min, "
+              f"{settings.rate_limit_tpm or 'unlimited'} tokens/min (keys may override)")
+    if not settings.auth:
+        logger.info("auth: off (TOKENFLEET_AUTH=false); every caller is anonymous and "
+                    "rate limits do not apply")
+        return
+    try:
+        stored: int | str = await count_keys(gw.redis, gw.keys)
+    except RedisError:
+        stored = "unknown (Redis unreachable)"
+    logger.info("auth: on; %d static keys, %s keys in Redis; %s",
+                gw.auth.num_static_keys, stored, limits)
+    if stored == 0 and gw.auth.num_static_keys == 0:
+        logger.warning("auth is on but there is no API key: every request gets 401 until "
+                       "`tokenfleet keys create` or TOKENFLEET_API_KEYS adds one")
 
 
 def _build_state(settings: Settings) -> GatewayState:

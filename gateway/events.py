@@ -17,12 +17,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.tasks import cancel_and_wait
 from shared.errors import ProtocolError
 from shared.protocol import TokenEvent, unpack_events
 
 logger = logging.getLogger("tokenfleet.gateway")
 
 POLL_TIMEOUT_S = 1.0  # get_message wait; also bounds how late a health check can be
+CLOSE_TIMEOUT_S = 5.0
 RECONNECT_BACKOFF_S = (0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -71,6 +73,7 @@ class Dispatcher:
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._mailboxes: dict[str, Mailbox] = {}
         self._task: asyncio.Task[None] | None = None
+        self._is_closing = False
         self.num_dropped = 0  # malformed batches
 
     async def start(self) -> None:
@@ -87,10 +90,9 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="tokenfleet-dispatcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._is_closing = True  # ends the loop within POLL_TIMEOUT_S if a cancel is lost
+        if self._task is not None and not await cancel_and_wait(self._task, CLOSE_TIMEOUT_S):
+            logger.warning("event dispatcher did not stop within %.0f s", CLOSE_TIMEOUT_S)
         with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -108,7 +110,7 @@ class Dispatcher:
 
     async def _run(self) -> None:
         failures = 0
-        while True:
+        while not self._is_closing:
             try:
                 if not self._pubsub.subscribed:
                     await self._pubsub.subscribe(self.channel)

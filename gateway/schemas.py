@@ -58,6 +58,9 @@ class GenerationParams(_Strict):
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None  # the deprecated form of tools
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
     lane: Lane | None = Field(default=None, description="extension: queue lane")

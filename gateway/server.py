@@ -1,11 +1,24 @@
-"""``run(settings)``: serve the gateway with uvicorn (what ``tokenfleet gateway`` calls)."""
+"""``run(settings)``: serve the gateway with uvicorn (what ``tokenfleet gateway`` calls).
+
+On SIGTERM (or Ctrl-C) the gateway drains in two steps:
+
+1. At once it refuses new generation requests (503 "shutting down") and ``/readyz``
+   answers 503, but keeps its port open for ``TOKENFLEET_GATEWAY_SHUTDOWN_DELAY_S`` so a
+   load balancer sees it leave instead of getting refused connections.
+2. Then uvicorn's graceful shutdown: no new connections; open requests and streams get up
+   to ``TOKENFLEET_GATEWAY_DRAIN_TIMEOUT_S`` to finish before they are cancelled.
+
+A second signal skips the delay; a third Ctrl-C forces the exit. A drained gateway exits 0.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
@@ -15,13 +28,18 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from shared.settings import Settings
 
+logger = logging.getLogger("tokenfleet.gateway")
+
 
 class _Server(uvicorn.Server):
-    """Marks the gateway as shutting down as soon as a signal arrives (``/readyz`` -> 503)."""
+    """uvicorn, with the gateway marked as shutting down as soon as a signal arrives."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_delay_s: float) -> None:
         super().__init__(config)
         self._app = app
+        self._shutdown_delay_s = shutdown_delay_s
+        self._exit_at: float | None = None  # time.monotonic() when step 2 starts
+        self._announced = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -39,10 +57,24 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: set flags only (no logging, no awaiting).
         gateway = getattr(self._app.state, "gateway", None)
         if gateway is not None:
             gateway.is_shutting_down = True
+        if self._exit_at is None and self._shutdown_delay_s > 0:
+            self._exit_at = time.monotonic() + self._shutdown_delay_s
+            return
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and not self._announced:
+            self._announced = True
+            logger.info("shutting down: refusing new generation requests; /readyz answers 503 "
+                        "for %.1f s, then open streams get up to %s s to finish",
+                        self._shutdown_delay_s, self.config.timeout_graceful_shutdown)
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def run(settings: Settings) -> None:
@@ -55,7 +87,7 @@ def run(settings: Settings) -> None:
         port=settings.port,
         log_level=settings.log_level.lower(),
         access_log=settings.log_level.upper() == "DEBUG",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        timeout_graceful_shutdown=math.ceil(settings.gateway_drain_timeout_s),
         lifespan="on",
     )
-    _Server(config, app).run()
+    _Server(config, app, settings.gateway_shutdown_delay_s).run()

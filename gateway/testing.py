@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from gateway.app import create_app
+from gateway.tasks import cancel_and_wait, failure
 from shared.keys import LANES, Keys
 from shared.model_info import ModelInfo
 from shared.protocol import (
@@ -180,13 +181,18 @@ async def running_worker(worker: FakeWorker) -> AsyncIterator[FakeWorker]:
     try:
         yield worker
     finally:
-        # A cancel that lands inside redis-py's blocking read can be swallowed there, so the
-        # loop also checks a flag, and the wait is bounded.
+        # A cancel can be lost inside redis-py on Python < 3.12 (see gateway.tasks), so the
+        # loop also checks a flag and the cancel is repeated until the task is done.
         worker.stopped = True
-        for running in (task, *worker._tasks):
-            running.cancel()
-        with contextlib.suppress(asyncio.CancelledError, RedisError, TimeoutError):
-            await asyncio.wait_for(task, timeout=5)
+        for handler in list(worker._tasks):
+            if await cancel_and_wait(handler, timeout_s=5):
+                failure(handler)  # retrieved: a handler's error is not the test's concern
+        await cancel_and_wait(task, timeout_s=5)
+        if not task.done():
+            raise RuntimeError("the fake worker did not stop within 5 s")
+        error = failure(task)
+        if error is not None and not isinstance(error, RedisError):  # Redis stopped by a test
+            raise error
 
 
 @contextlib.asynccontextmanager

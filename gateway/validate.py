@@ -21,8 +21,14 @@ def check_supported(body: GenerationParams) -> None:
                                   param="n")
     if (body.logprobs is not None and body.logprobs is not False) or body.top_logprobs:
         raise InvalidRequestError("logprobs are not supported", param="logprobs")
-    if body.tools:
-        raise InvalidRequestError("tools are not supported", param="tools")
+    for name in ("tools", "functions"):
+        if getattr(body, name):
+            raise InvalidRequestError(f"{name} are not supported (no function calling)",
+                                      param=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name) not in (None, "none", "auto"):  # "auto" with no tools: none
+            raise InvalidRequestError(f"{name} is not supported (no function calling)",
+                                      param=name)
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidRequestError("response_format other than text is not supported",
                                   param="response_format")

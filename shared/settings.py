@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     rate_limit_rpm: int = 0  # per key, 0 = unlimited
     rate_limit_tpm: int = 0
+    auth_cache_s: float = 5.0  # how long a gateway trusts a key lookup (revocation delay)
+    gateway_drain_timeout_s: float = 30.0  # on SIGTERM, how long open streams may finish
+    gateway_shutdown_delay_s: float = 1.0  # on SIGTERM, /readyz 503 this long before closing
     log_level: str = "INFO"
 
     @field_validator("api_keys", mode="before")
@@ -91,6 +94,11 @@ class Settings(BaseSettings):
             raise ValueError("TOKENFLEET_MAX_BATCH_SIZE must be >= 1")
         if self.max_prefill_tokens < 16:
             raise ValueError("TOKENFLEET_MAX_PREFILL_TOKENS must be >= 16")
+        for name in ("auth_cache_s", "gateway_drain_timeout_s", "gateway_shutdown_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 0")
+        if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
+            raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")
         if self.max_batch_tokens < self.max_prefill_tokens:
             raise ValueError(
                 "TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")

@@ -1,16 +1,18 @@
-"""``GET /v1/models``: the models live workers serve, in OpenAI's list shape."""
+"""``GET /v1/models``: the models live workers serve, in OpenAI's list shape (key required
+when auth is on, like every ``/v1`` route)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from gateway.auth import get_principal
 from gateway.catalog import WorkerInfo
 from gateway.deps import GatewayDep
 from shared.errors import ModelNotFoundError
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], dependencies=[Depends(get_principal)])
 
 
 def _model_card(name: str, workers: list[WorkerInfo]) -> dict[str, Any]:

@@ -1,7 +1,13 @@
-"""Fuzz the gateway from its own OpenAPI schema: no input may cause a 5xx."""
+"""Fuzz the gateway from its own OpenAPI schema: no input may cause a 5xx.
+
+A real gateway process and a null-engine worker; a fixed number of examples per operation
+with a fixed seed (``derandomize``), with auth off and with auth and rate limits on (then
+every case carries a valid key, so the fuzzing reaches past the 401).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +20,17 @@ from tests.integration.fleet import Fleet, make_fleet
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 30
+KEY = "tf-fuzz-static-key"
+AUTH_ENV = {"TOKENFLEET_AUTH": "true", "TOKENFLEET_API_KEYS": KEY,
+            "TOKENFLEET_RATE_LIMIT_RPM": "100000", "TOKENFLEET_RATE_LIMIT_TPM": "100000000"}
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+@pytest.fixture(params=["auth-off", "auth-on"])
+def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
     fleet = make_fleet(tmp_path, TOKENFLEET_ENGINE="null", TOKENFLEET_NULL_ENGINE_TOKENS="4",
-                       TOKENFLEET_MAX_TOKENS_CAP="64", TOKENFLEET_DEFAULT_MAX_TOKENS="8")
+                       TOKENFLEET_MAX_TOKENS_CAP="64", TOKENFLEET_DEFAULT_MAX_TOKENS="8",
+                       **(AUTH_ENV if request.param == "auth-on" else {}))
     try:
         fleet.start_gateway()
         fleet.start_worker()
@@ -33,7 +43,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def test_no_input_makes_the_gateway_fail(fleet: Fleet) -> None:
     schema = schemathesis.openapi.from_url(f"{fleet.url}/openapi.json")
     schema.config.base_url = fleet.url
+    headers = {"Authorization": f"Bearer {KEY}"}
     failures: list[str] = []
+    statuses: Counter[int] = Counter()
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/jobs"}
     for operation in operations:
@@ -41,13 +53,15 @@ def test_no_input_makes_the_gateway_fail(fleet: Fleet) -> None:
         @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
                   database=None, suppress_health_check=list(HealthCheck))
         def fuzz(case: schemathesis.Case) -> None:
-            response = case.call(timeout=30)
+            response = case.call(timeout=30, headers=headers)
+            statuses[response.status_code] += 1
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.formatted_path} -> "
                                 f"{response.status_code}: {response.text[:200]}")
         fuzz()
     assert not failures, "\n".join(failures[:10])
-    with httpx.Client(base_url=fleet.url, timeout=30) as client:  # and still healthy
+    assert 401 not in statuses and sum(n for code, n in statuses.items() if code < 300) > 0
+    with httpx.Client(base_url=fleet.url, timeout=30, headers=headers) as client:  # still fine
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 200
         ok = client.post("/v1/chat/completions", json={

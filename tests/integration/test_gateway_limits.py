@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.testing import FakeWorker, gateway_client, tiny_model_info
-from shared.keys import Keys
+from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import unpack_request
 from shared.redis_conn import async_client
 from shared.settings import Settings
@@ -78,3 +78,72 @@ async def test_model_may_be_omitted_when_one_is_served_and_timeout_sets_a_deadli
     [request] = await _queued(redis)
     assert request.model == "tiny"
     assert request.deadline is not None and 25 < request.deadline - request.created_at <= 30
+
+
+async def test_backlog_counts_undelivered_and_pending_entries_not_acked_ones(
+        redis_url: str, redis: aioredis.Redis) -> None:
+    await _registered(redis)
+    interactive = KEYS.requests_stream("tiny", "interactive")
+    batch = KEYS.requests_stream("tiny", "batch")
+    settings = Settings(redis_url=redis_url, key_prefix=PREFIX, backlog_limit=6)
+    async with gateway_client(settings) as (http, app):
+        backlog = app.state.gateway.backlog
+        for lane, n in (("interactive", 5), ("batch", 1)):
+            for i in range(n):
+                resp = await http.post("/v1/jobs", json={"prompt": f"{lane} {i}", "lane": lane})
+                assert resp.status_code == 202, resp.text
+                backlog._seen.clear()
+                if lane == "interactive" and i == 2:  # a worker group appears: 3 undelivered
+                    await redis.xgroup_create(interactive, WORKER_GROUP, id="0")
+                    await redis.xgroup_create(batch, WORKER_GROUP, id="0", mkstream=True)
+                    replies = await redis.xreadgroup(WORKER_GROUP, "w1", {interactive: ">"},
+                                                     count=2)
+                    await redis.xack(interactive, WORKER_GROUP, replies[0][1][0][0])
+        # interactive: 1 acked (not counted), 1 pending, 3 undelivered; batch: 1 undelivered
+        assert await backlog.size("tiny") == 5
+        assert (await http.post("/v1/jobs", json={"prompt": "fits"})).status_code == 202
+        backlog._seen.clear()
+        full = await http.post("/v1/jobs", json={"prompt": "one more"})
+        assert full.status_code == 429 and "is full" in full.json()["error"]["message"]
+
+
+async def test_model_must_be_named_when_several_are_served(redis_url: str,
+                                                           redis: aioredis.Redis) -> None:
+    await _registered(redis)
+    await FakeWorker(redis, KEYS, tiny_model_info("other"), worker_id="w-other").register()
+    settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
+    async with gateway_client(settings) as (http, _):
+        resp = await http.post("/v1/jobs", json={"prompt": "hello"})
+        assert resp.status_code == 400
+        error = resp.json()["error"]
+        assert error["param"] == "model" and "other, tiny" in error["message"]
+        named = await http.post("/v1/jobs", json={"prompt": "hello", "model": "other"})
+        assert named.status_code == 202, named.text
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("n", 2), ("logprobs", True),
+])
+async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: aioredis.Redis,
+                                                        field: str, value: object) -> None:
+    await _registered(redis)
+    async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
+        resp = await http.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], field: value})
+        assert resp.status_code == 400
+        assert resp.json()["error"]["param"] == field
+        ok = await http.post("/v1/jobs", json={"prompt": "hi", "tool_choice": "none"})
+        assert ok.status_code == 202, ok.text
+
+
+async def test_a_gateway_that_is_shutting_down_refuses_new_generations(
+        redis_url: str, redis: aioredis.Redis) -> None:
+    await _registered(redis)
+    async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, app):
+        app.state.gateway.is_shutting_down = True
+        resp = await http.post("/v1/jobs", json={"prompt": "hi"})
+        assert resp.status_code == 503 and "shutting down" in resp.json()["error"]["message"]
+        assert (await http.get("/readyz")).status_code == 503
+        assert (await http.get("/healthz")).status_code == 200
+    assert await _queued(redis) == []
