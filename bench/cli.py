@@ -4,27 +4,34 @@ Systems: ``naive`` (one ``generate`` at a time), ``static`` (window + max batch,
 ``generate`` per batch), ``hf-cb`` (transformers' continuous batching), ``engine`` (the
 tokenfleet engine in-process), ``full`` (gateway + Redis + worker processes over HTTP) and
 ``bus`` (the full path with a null engine: what gateway, Redis and pub/sub can carry).
+
+This module imports no torch, transformers or FastAPI at module level (``tokenfleet --help``
+stays light); each system imports what it needs when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.metrics import RequestRecord, summarize
-from bench.workload import WORKLOADS, BenchRequest, make_requests, split_among_clients
+from bench.loadgen import ClosedLoop, Load, OpenLoop, poisson_offsets
+from bench.metrics import RunResult, summarize
+from bench.workload import MIXED_MAX_TOKENS, WORKLOADS, make_requests, split_among_clients
 from shared.settings import Settings
 
 SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+QUICK_MAX_TOKENS = 8
+MIN_REQUESTS = 8  # per closed-loop point: at least one whole max_tokens cycle
+OPEN_LOOP_SECONDS = 30.0  # open loop without --requests/--duration: ~30 s of arrivals
 log = logging.getLogger("bench")
+
+System = Callable[[Any, Load], RunResult]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,23 +39,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated subset of: " + ", ".join(SYSTEMS))
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
     parser.add_argument("--concurrency", default="1,4,16,32,64",
-                        help="client counts for engine and full (default 1,4,16,32,64)")
+                        help="closed-loop client counts for engine and full (default 1,4,16,32,64)")
     parser.add_argument("--baseline-concurrency", default="32",
                         help="client counts for static and hf-cb (naive runs at 1: it is serial)")
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--mode", choices=("closed", "open"), default="closed")
-    parser.add_argument("--rate", type=float, default=4.0, help="open loop: requests per second")
+    parser.add_argument("--mode", choices=("closed", "open"), default="closed",
+                        help="closed: N clients back to back; open: Poisson arrivals at --rate")
+    parser.add_argument("--rate", default="4",
+                        help="open loop: requests per second, or a comma-separated list")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--requests", type=int, metavar="N",
+                      help="requests per load point (at least one per client)")
+    size.add_argument("--requests-per-client", type=int, default=2, metavar="N",
+                      help=f"closed loop: N requests per client (default 2; at least "
+                      f"{MIN_REQUESTS} per point)")
+    size.add_argument("--duration", type=float, metavar="S",
+                      help="closed loop: clients send for S seconds per point; open loop: S "
+                      "seconds of arrivals")
     parser.add_argument("--bus-requests", type=int, default=3000)
     parser.add_argument("--bus-concurrency", type=int, default=128)
+    parser.add_argument("--bus-tokens", type=int, default=16,
+                        help="dummy tokens per request from the null engine (default 16)")
+    parser.add_argument("--http-client", choices=("httpx", "raw"), default="httpx",
+                        help="load generator's HTTP client for full (default httpx)")
+    parser.add_argument("--bus-http-client", choices=("httpx", "raw"), default="raw",
+                        help="HTTP client for bus (default raw: a lean asyncio HTTP/1.1 client, "
+                        "so the load generator takes less CPU from the gateway it measures)")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny run (CI): concurrency 1 and 4, max_tokens capped at 8")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+                        help="a tiny run (CI): concurrency 1 and 4, max_tokens capped at "
+                        f"{QUICK_MAX_TOKENS}, a couple of requests per point")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="where the JSON, Markdown and PNG go (default bench-results/)")
     parser.add_argument("--no-append", action="store_true",
                         help="do not append the Markdown table to docs/benchmarks.md")
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+               ) -> argparse.ArgumentParser:
+    """Register ``bench`` on a ``tokenfleet`` subparsers object."""
+    parser = subparsers.add_parser("bench", help="benchmark tokenfleet against its baselines",
+                                   description=__doc__)
+    add_arguments(parser)
+    parser.set_defaults(func=lambda args: run(args, Settings()))
+    return parser
+
+
+def _csv(text: str, kind: type[int] | type[float]) -> list[Any]:
+    return [kind(x) for x in text.split(",") if x.strip()]
 
 
 class Bench:
@@ -59,167 +95,188 @@ class Bench:
         unknown = set(self.systems) - set(SYSTEMS)
         if unknown:
             raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
-        self.cap = 8 if args.quick else None
-        self.concurrency = [1, 4] if args.quick else _csv_ints(args.concurrency)
-        self.baseline_concurrency = [4] if args.quick else _csv_ints(args.baseline_concurrency)
+        self.is_open = args.mode == "open"
+        self.cap = QUICK_MAX_TOKENS if args.quick else None
+        self.concurrency = [1, 4] if args.quick else _csv(args.concurrency, int)
+        self.baseline_concurrency = [4] if args.quick else _csv(args.baseline_concurrency, int)
+        self.rates: list[float] = _csv(args.rate, float) if self.is_open else []
         self.runs: list[dict[str, Any]] = []
-        self.meta: dict[str, Any] = {}
+        self.meta: dict[str, Any] = {"system_notes": {}}
 
-    def requests(self, clients: int, minimum: int = 8) -> list[list[BenchRequest]]:
-        per = 1 if self.args.quick else self.args.requests_per_client
-        count = max(clients * per, 2 if self.args.quick else minimum)
-        reqs = make_requests(self.args.workload, count, self.cap)
-        return split_among_clients(reqs, clients)
+    # --- load ----------------------------------------------------------------------------
+    def points(self, system: str) -> list[tuple[int | None, float | None]]:
+        """(clients, rate) of each load point of ``system``."""
+        if self.is_open:
+            return [(None, rate) for rate in self.rates]
+        if system == "naive":
+            return [(1, None)]
+        if system in ("static", "hf-cb"):
+            return [(c, None) for c in self.baseline_concurrency]
+        return [(c, None) for c in self.concurrency]
 
-    def record(self, system: str, clients: int, result: tuple[list[RequestRecord], float,
-                                                               float | None],
-               note: str = "") -> dict[str, Any]:
-        records, wall, batch = result
-        row = {"system": system, "concurrency": clients, **summarize(records, wall, batch)}
+    def load(self, clients: int | None, rate: float | None) -> Load:
+        args = self.args
+        if rate is not None:
+            count = 2 if args.quick else args.requests
+            if count is None and args.duration is None:
+                count = max(MIN_REQUESTS, round(rate * OPEN_LOOP_SECONDS))
+            offsets = poisson_offsets(rate, count, None if count else args.duration)
+            return OpenLoop(make_requests(args.workload, len(offsets), self.cap), offsets)
+        assert clients is not None
+        if args.quick:
+            count = max(clients, 2)
+        elif args.duration is not None:
+            count = clients * len(MIXED_MAX_TOKENS)  # one cycle each, walked round and round
+        elif args.requests is not None:
+            count = max(args.requests, clients)
+        else:
+            count = max(clients * args.requests_per_client, MIN_REQUESTS)
+        reqs = make_requests(args.workload, count, self.cap)
+        duration = None if args.quick else args.duration
+        return ClosedLoop(split_among_clients(reqs, clients), duration)
+
+    # --- rows ----------------------------------------------------------------------------
+    def record(self, system: str, point: tuple[int | None, float | None], result: RunResult,
+               note: str = "") -> None:
+        clients, rate = point
+        row: dict[str, Any] = {"system": system, "concurrency": clients, "rate": rate,
+                               **summarize(result.records, result.wall_s, result.mean_batch)}
+        if result.cpu_cores:
+            row["cpu_cores"] = result.cpu_cores
         if note:
             row["note"] = note
         self.runs.append(row)
-        log.warning("%-7s c=%-3d %8.1f tok/s  %6.2f req/s  ttft p99 %s ms  errors %d", system,
-                    clients, row["output_tokens_per_s"] or 0, row["requests_per_s"] or 0,
+        log.warning("%-7s %-9s %8.1f tok/s  %7.2f req/s  ttft p99 %s ms  errors %d", system,
+                    f"c={clients}" if rate is None else f"{rate:g}/s",
+                    row["output_tokens_per_s"] or 0, row["requests_per_s"] or 0,
                     row["ttft_p99_ms"], row["errors"])
-        return row
 
-    def failed(self, system: str, clients: int, exc: BaseException) -> None:
-        self.runs.append({"system": system, "concurrency": clients,
+    def failed(self, system: str, point: tuple[int | None, float | None],
+               exc: BaseException) -> None:
+        clients, rate = point
+        self.runs.append({"system": system, "concurrency": clients, "rate": rate,
                           "note": f"did not run: {type(exc).__name__}: {exc}"})
-        log.warning("%s c=%d did not run: %s", system, clients, exc)
+        log.warning("%s %s did not run: %s: %s", system, point, type(exc).__name__, exc)
 
-    # --- phases ---------------------------------------------------------------------------
+    def describe(self, system: str, note: str) -> None:
+        self.meta["system_notes"][system] = note
+
+    # --- phases ----------------------------------------------------------------------------
     def run_inprocess(self) -> None:
-        wanted = [s for s in ("naive", "static", "hf-cb", "engine") if s in self.systems]
-        if not wanted and "full" not in self.systems:
-            return
-        from bench import inprocess
+        from bench import baselines, inprocess
         from worker.model_store import resolve_model_path
 
         bundle = inprocess.load_bundle(self.settings, Path(resolve_model_path(self.settings)))
         self.meta.update(dtype=str(bundle.loaded.dtype).removeprefix("torch."),
                          parameters=bundle.num_parameters,
-                         matmul_gflops=inprocess.matmul_flops() / 1e9)
-        plan: list[tuple[str, int, Callable[..., Any], str]] = []
-        if "naive" in wanted:
-            plan.append(("naive", 1, inprocess.run_naive,
-                         "serial by design: throughput is the same at any concurrency"))
-        for clients in self.baseline_concurrency:
-            if "static" in wanted:
-                plan.append(("static", clients, inprocess.run_static, ""))
-            if "hf-cb" in wanted:
-                plan.append(("hf-cb", clients, inprocess.run_hf_continuous, ""))
-        if "engine" in wanted:
-            plan += [("engine", c, inprocess.run_engine, "") for c in self.concurrency]
-        for system, clients, fn, note in plan:
-            try:
-                if system == "engine" and self.args.mode == "open":
-                    per = self.requests(clients)
-                    offsets = _poisson(sum(len(q) for q in per), self.args.rate)
-                    self.record(system, clients, fn(bundle, per, offsets), note)
-                else:
-                    self.record(system, clients, fn(bundle, self.requests(clients)), note)
-            except Exception as exc:  # report, don't hide: a baseline that cannot run here
-                self.failed(system, clients, exc)
+                         matmul_gflops=round(inprocess.matmul_flops() / 1e9, 1))
+        plan: list[tuple[str, System]] = [
+            ("engine", inprocess.run_engine), ("naive", baselines.run_naive),
+            ("static", baselines.run_static),
+            ("hf-cb", baselines.run_hf_continuous)]  # last: it switches attention kernels
+        for system, fn in plan:
+            if system not in self.systems:
+                continue
+            for point in self.points(system):
+                try:
+                    self.record(system, point, fn(bundle, self.load(*point)))
+                except Exception as exc:  # report, don't hide: a system that cannot run here
+                    self.failed(system, point, exc)
         del bundle
 
-    def run_full(self) -> None:
-        from bench.fleet import LocalFleet
-        from bench.http_load import run_http
+    def run_fleet(self, system: str, env: dict[str, str], points: list[tuple[int | None,
+                  float | None]], loads: Callable[[int | None, float | None], Load],
+                  http_client: str) -> None:
+        from bench.fleet import LocalFleet, cores_used
+        from bench.http_load import run_async, run_http
 
-        rate = self.args.rate if self.args.mode == "open" else None
-        with LocalFleet({}) as fleet:
-            warm = split_among_clients(make_requests(self.args.workload, 2, 8), 2)
-            asyncio.run(run_http(fleet.url, self.settings.model_name, warm))
-            for clients in self.concurrency:
-                result = asyncio.run(run_http(fleet.url, self.settings.model_name,
-                                              self.requests(clients), redis_url=fleet.redis_url,
-                                              prefix=fleet.prefix, rate=rate))
-                self.record("full", clients, result)
+        try:
+            fleet = LocalFleet(env).__enter__()
+        except Exception as exc:
+            for point in points:
+                self.failed(system, point, exc)
+            return
+        try:
+            warm = ClosedLoop(split_among_clients(make_requests("uniform", 2, 8), 2))
+            warmed = run_async(run_http(fleet.url, self.settings.model_name, warm))
+            problems = [r.error for r in warmed.records if r.error]
+            for point in points:
+                if problems:
+                    self.failed(system, point, RuntimeError(f"warm-up failed: {problems[0]}"))
+                    continue
+                try:
+                    before = fleet.cpu_seconds()
+                    result = run_async(run_http(
+                        fleet.url, self.settings.model_name, loads(*point),
+                        redis_url=fleet.redis_url, prefix=fleet.prefix, http_client=http_client))
+                    result.cpu_cores = cores_used(before, fleet.cpu_seconds(), result.wall_s)
+                    self.record(system, point, result)
+                except Exception as exc:
+                    self.failed(system, point, exc)
+        finally:
+            fleet.__exit__(None, None, None)
 
     def run_bus(self) -> None:
-        from bench.fleet import LocalFleet
-        from bench.http_load import run_http
-
         clients = 4 if self.args.quick else self.args.bus_concurrency
         count = 40 if self.args.quick else self.args.bus_requests
-        env = {"TOKENFLEET_ENGINE": "null", "TOKENFLEET_NULL_ENGINE_TOKENS": "16",
+        tokens = self.args.bus_tokens
+        env = {"TOKENFLEET_ENGINE": "null", "TOKENFLEET_NULL_ENGINE_TOKENS": str(tokens),
                "TOKENFLEET_MAX_BATCH_SIZE": "256", "TOKENFLEET_COALESCE_MS": "2"}
-        with LocalFleet(env) as fleet:
-            reqs = make_requests("uniform", count, 16)
-            asyncio.run(run_http(fleet.url, self.settings.model_name, [reqs[:8]]))
-            result = asyncio.run(run_http(fleet.url, self.settings.model_name,
-                                          split_among_clients(reqs, clients)))
-            self.record("bus", clients, result, "null engine: 16 dummy tokens per request")
+        self.describe("bus", f"closed loop, {clients} streams, {count} requests; null engine "
+                      f"({tokens} dummy tokens per request, max batch 256, coalesce 2 ms)")
 
-    # --- targets ----------------------------------------------------------------------------
-    def targets(self) -> list[dict[str, Any]]:
-        """Ratios on the steady-state rate (all clients busy); the whole-run rate, drain tail
-        included, is shown beside each."""
-        def tps(system: str, clients: int, key: str) -> float | None:
-            for row in self.runs:
-                if row["system"] == system and row["concurrency"] == clients:
-                    return row.get(key)
-            return None
+        def bus_load(clients: int | None, rate: float | None) -> Load:
+            reqs = make_requests("uniform", count, tokens)
+            return ClosedLoop(split_among_clients(reqs, clients or 1))
 
-        def ratio(a: float | None, b: float | None) -> float | None:
-            return None if not a or not b else round(a / b, 2)
+        self.run_fleet("bus", env, [(clients, None)], bus_load, self.args.bus_http_client)
 
-        flops = self.meta.get("matmul_gflops", 0) * 1e9
-        params = self.meta.get("parameters", 0)
-        out = []
-        for name, base, base_clients, goal, threshold in (
-                ("full / static batching, 32 clients", "static", 32, ">= 4x", 4),
-                ("full at 32 clients / naive (serial)", "naive", 1, ">= 20x", 20),
-                ("full / transformers CB, 32 clients", "hf-cb", 32, ">= 3x", 3),
-                ("full / in-process engine, 32 clients", "engine", 32, ">= 0.9", 0.9)):
-            steady = ratio(tps("full", 32, "steady_tokens_per_s"),
-                           tps(base, base_clients, "steady_tokens_per_s"))
-            whole = ratio(tps("full", 32, "output_tokens_per_s"),
-                          tps(base, base_clients, "output_tokens_per_s"))
-            out.append((name, steady, whole, goal, threshold))
-        for system in ("engine", "full"):
-            eff = [round(r * 2 * params / flops, 3) if r and flops and params else None
-                   for r in (tps(system, 64, "steady_tokens_per_s"),
-                             tps(system, 64, "output_tokens_per_s"))]
-            out.append((f"decode efficiency, {system} at 64 clients", eff[0], eff[1],
-                        ">= 0.35", 0.35))
-        bus = next((r.get("requests_per_s") for r in self.runs if r["system"] == "bus"), None)
-        out.append(("bus requests/s (one gateway)", bus, bus, ">= 2000", 2000))
-        return [{"name": n, "value": v, "whole_run": w, "goal": g,
-                 "met": None if v is None else v >= t} for n, v, w, g, t in out]
-
+    # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from bench.baselines import STATIC_MAX_BATCH, STATIC_WINDOW_S
+        from bench.machine import ForeignLoad, machine
+        from bench.targets import compute_targets
+
+        foreign = ForeignLoad()
+        foreign.start()
         self.meta.update(date=time.strftime("%Y-%m-%d %H:%M:%S"), workload=self.args.workload,
                          mode=self.args.mode, model=self.settings.model_name,
-                         command="tokenfleet bench " + " ".join(_bench_args(sys.argv)))
-        self.run_inprocess()
+                         command="tokenfleet bench " + " ".join(_bench_args(sys.argv)),
+                         settings=_settings_summary(self.settings), max_tokens_cap=self.cap)
+        self.describe("naive", ("one request at a time" if self.is_open else
+                                "serial by design: run with one client (its throughput is the "
+                                "same at any concurrency)")
+                      + "; no streaming, so TTFT = the whole answer")
+        self.describe("static", f"window {STATIC_WINDOW_S * 1000:.0f} ms, max batch "
+                      f"{STATIC_MAX_BATCH}, max_new_tokens = the batch's longest; no streaming, "
+                      "so TTFT = when the batch's generate returns")
+        self.describe("hf-cb", "transformers `init_continuous_batching`, default config, "
+                      "warmed up; per-token times from its `record_timestamps`")
+        if {"naive", "static", "hf-cb", "engine"} & set(self.systems):
+            self.run_inprocess()
         if "full" in self.systems:
-            self.run_full()
+            self.run_fleet("full", {}, self.points("full"), self.load, self.args.http_client)
         if "bus" in self.systems:
             self.run_bus()
-        from bench.report import machine
-
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)
         self.meta["machine"] = machine()
-        return {"meta": self.meta, "runs": self.runs,
-                "targets": [] if self.args.quick else self.targets()}
+        self.meta.update(foreign.stop())
+        targets = [] if self.args.quick or self.is_open else compute_targets(self.runs, self.meta)
+        return {"meta": self.meta, "runs": self.runs, "targets": targets}
+
+
+def _settings_summary(settings: Settings) -> dict[str, Any]:
+    """The knobs that shape the engine's and the fleet's speed."""
+    keys = ("dtype", "quantization", "device", "torch_threads", "max_batch_size",
+            "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms")
+    return {key: getattr(settings, key) for key in keys}
 
 
 def _bench_args(argv: list[str]) -> list[str]:
     """The arguments after ``bench`` (``tokenfleet bench ...``) or the script (``-m bench``)."""
     return argv[argv.index("bench") + 1:] if "bench" in argv else argv[1:]
-
-
-def _poisson(count: int, rate: float, seed: int = 0) -> list[float]:
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(count):
-        t += rng.expovariate(rate)
-        out.append(t)
-    return out
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

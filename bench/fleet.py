@@ -24,6 +24,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of ``pid`` from ``/proc/<pid>/stat`` (Linux), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cores_used(before: dict[str, float], after: dict[str, float], wall_s: float,
+               ) -> dict[str, float]:
+    """CPU-seconds per wall second of each process between two ``cpu_seconds`` readings."""
+    if wall_s <= 0:
+        return {}
+    return {name: round((after[name] - before[name]) / wall_s, 2)
+            for name in after if name in before}
+
+
 class LocalFleet:
     def __init__(self, env: dict[str, str], workers: int = 1, prefix: str = "tfbench") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenfleet-bench-"))
@@ -34,6 +53,7 @@ class LocalFleet:
                         TOKENFLEET_KEY_PREFIX=prefix, TOKENFLEET_PORT=str(self.port),
                         TOKENFLEET_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: list[str] = []
 
     @property
     def redis_url(self) -> str:
@@ -71,6 +91,18 @@ class LocalFleet:
         log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with the process
         self.procs.append(subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log,
                                            stderr=subprocess.STDOUT))
+        self.names.append(name)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each fleet process and by this one (the
+        load generator), from ``/proc``; a process that cannot be read is left out."""
+        times = os.times()
+        out = {"loadgen": times.user + times.system}
+        for name, proc in zip(self.names, self.procs, strict=True):
+            seconds = process_cpu_seconds(proc.pid)
+            if seconds is not None:
+                out[name] = seconds
+        return out
 
     def _wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import random
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 import redis.asyncio as aioredis
 
-from bench.metrics import RequestRecord
+from bench.loadgen import Load, Submission
+from bench.metrics import RequestRecord, RunResult
+from bench.rawhttp import RawClient, StatusError
 from bench.workload import BenchRequest
 from shared.keys import Keys
+
+T = TypeVar("T")
 
 
 def parse_sse_line(line: str) -> tuple[str, dict | None]:  # type: ignore[type-arg]
@@ -32,21 +38,43 @@ def chunk_text(chunk: dict) -> str:  # type: ignore[type-arg]
     return text
 
 
-async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest,
-               submitted: float, client_id: int = 0) -> RequestRecord:
-    rec = RequestRecord(submitted=submitted, client=client_id)
-    body = {"model": model, "messages": request.messages, "max_tokens": request.max_tokens,
+CHAT_PATH = "/v1/chat/completions"
+HTTP_CLIENTS = ("httpx", "raw")
+
+Lines = Callable[[dict[str, Any]], AsyncIterator[str]]
+
+
+def chat_body(model: str, request: BenchRequest) -> dict[str, Any]:
+    """A streamed, greedy chat completion of exactly ``max_tokens`` tokens."""
+    return {"model": model, "messages": request.messages, "max_tokens": request.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+
+
+def httpx_lines(client: httpx.AsyncClient) -> Lines:
+    async def lines(body: dict[str, Any]) -> AsyncIterator[str]:
+        async with client.stream("POST", CHAT_PATH, json=body) as resp:
             if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return rec
+                raise StatusError(resp.status_code, await resp.aread())
             async for line in resp.aiter_lines():
-                kind, chunk = parse_sse_line(line)
-                if kind == "done":
-                    break
+                yield line
+    return lines
+
+
+def raw_lines(client: RawClient) -> Lines:
+    def lines(body: dict[str, Any]) -> AsyncIterator[str]:
+        return client.post_lines(CHAT_PATH, json.dumps(body).encode())
+    return lines
+
+
+async def _one(lines: Lines, model: str, sub: Submission) -> RequestRecord:
+    """Send one request, read its whole stream; TTFT = first content chunk, one
+    ``token_times`` entry per content chunk."""
+    rec = RequestRecord(submitted=sub.submitted, client=sub.client)
+    try:
+        async with contextlib.aclosing(lines(chat_body(model, sub.request))) as stream:
+            async for line in stream:  # read to the end: the connection can be reused
+                _, chunk = parse_sse_line(line)
                 if chunk is None:
                     continue
                 if "error" in chunk:
@@ -58,7 +86,8 @@ async def _one(client: httpx.AsyncClient, model: str, request: BenchRequest,
                 usage = chunk.get("usage")
                 if usage:
                     rec.output_tokens = int(usage.get("completion_tokens", 0))
-    except httpx.HTTPError as exc:
+    except (StatusError, httpx.HTTPError, OSError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError, ValueError) as exc:
         rec.error = f"{type(exc).__name__}: {exc}"
     rec.finished = time.perf_counter()
     return rec
@@ -81,40 +110,77 @@ async def _sample_batch(redis_url: str, prefix: str, stop: asyncio.Event,
         await client.aclose()
 
 
-async def run_http(base_url: str, model: str, per_client: list[list[BenchRequest]],
-                   *, redis_url: str | None = None, prefix: str = "tf",
-                   rate: float | None = None, seed: int = 0,
-                   ) -> tuple[list[RequestRecord], float, float | None]:
-    """Closed loop (``rate`` None) or Poisson open loop at ``rate`` requests/s."""
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-    timeout = httpx.Timeout(600, connect=10)
+async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | None = None,
+                   prefix: str = "tf", http_client: str = "httpx") -> RunResult:
+    """Streaming chat clients driven by ``load`` (closed or open loop), all on one client
+    with a large connection pool: ``httpx.AsyncClient``, or the leaner ``RawClient``. With
+    ``redis_url``, the mean running batch is sampled from the workers' heartbeats."""
+    if http_client not in HTTP_CLIENTS:
+        raise ValueError(f"unknown HTTP client {http_client!r}")
+    async with contextlib.AsyncExitStack() as stack:
+        if http_client == "raw":
+            raw = RawClient(base_url)
+            stack.push_async_callback(raw.aclose)
+            lines = raw_lines(raw)
+        else:
+            client = await stack.enter_async_context(httpx.AsyncClient(
+                base_url=base_url, timeout=httpx.Timeout(600, connect=10),
+                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024)))
+            lines = httpx_lines(client)
+        return await _drive(lines, model, load, redis_url, prefix)
+
+
+async def _drive(lines: Lines, model: str, load: Load, redis_url: str | None,
+                 prefix: str) -> RunResult:
     samples: list[int] = []
     stop = asyncio.Event()
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
-        sampler = asyncio.create_task(_sample_batch(redis_url, prefix, stop, samples)) \
-            if redis_url else None
-        start = time.perf_counter()
-        if rate is None:
-            async def loop(queue: list[BenchRequest], cid: int) -> list[RequestRecord]:
-                return [await _one(client, model, r, time.perf_counter(), cid) for r in queue]
-            per = await asyncio.gather(*(loop(q, i) for i, q in enumerate(per_client)))
-            records = [r for recs in per for r in recs]
-        else:
-            rng = random.Random(seed)
-            flat = [r for q in per_client for r in q]
-            offsets, t = [], 0.0
-            for _ in flat:
-                t += rng.expovariate(rate)
-                offsets.append(t)
+    records: list[RequestRecord] = []
+    tasks: set[asyncio.Task[None]] = set()
 
-            async def arrive(request: BenchRequest, offset: float) -> RequestRecord:
-                await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-                return await _one(client, model, request, start + offset)
-            records = list(await asyncio.gather(*(arrive(r, o) for r, o in
-                                                  zip(flat, offsets, strict=True))))
-        wall = time.perf_counter() - start
-        stop.set()
-        if sampler:
-            await sampler
+    async def serve(sub: Submission) -> None:
+        try:
+            rec = await _one(lines, model, sub)
+        except Exception as exc:  # anything unforeseen: count it, keep the client going
+            rec = RequestRecord(sub.submitted, client=sub.client, finished=time.perf_counter(),
+                                error=f"{type(exc).__name__}: {exc}")
+        records.append(rec)
+        spawn(load.finished(sub.client, rec.finished or time.perf_counter()))
+
+    def spawn(subs: list[Submission]) -> None:
+        for sub in subs:
+            task = asyncio.create_task(serve(sub))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    sampler = asyncio.create_task(_sample_batch(redis_url, prefix, stop, samples)) \
+        if redis_url else None
+    start = time.perf_counter()
+    spawn(load.start(start))
+    while True:  # open loop: send on schedule; then (and in a closed loop) wait for all
+        nxt = load.next_arrival()
+        if nxt is not None:
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+            spawn(load.due(time.perf_counter()))
+        elif tasks:
+            await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
+        else:
+            break
+    wall = time.perf_counter() - start
+    stop.set()
+    if sampler:
+        await sampler
     mean_batch = sum(samples) / len(samples) if samples else None
-    return records, wall, mean_batch
+    return RunResult(records, wall, mean_batch)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (it comes with ``uvicorn[standard]``):
+    a cheaper event loop leaves more CPU to the processes being measured."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    if not hasattr(asyncio, "Runner"):  # Python 3.10
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)

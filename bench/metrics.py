@@ -32,6 +32,16 @@ class RequestRecord:
         return [b - a for a, b in itertools.pairwise(times)]
 
 
+@dataclass(slots=True)
+class RunResult:
+    """What one system at one load point produced."""
+
+    records: list[RequestRecord]
+    wall_s: float
+    mean_batch: float | None = None  # mean running batch size, where the system exposes one
+    cpu_cores: dict[str, float] | None = None  # CPU-seconds per wall second, per process
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None for no values."""
     if not values:
@@ -44,7 +54,10 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def steady_window(records: list[RequestRecord]) -> tuple[float, float] | None:
     """From the first submission until the first client has nothing left to send: every
-    client is busy all along, so the rate inside excludes the closed loop's drain tail."""
+    client is busy all along, so the rate inside excludes the closed loop's drain tail.
+    None for an open loop (clients numbered below 0): it has no clients to run dry."""
+    if any(r.client < 0 for r in records):
+        return None
     done_at: dict[int, float] = {}
     for r in records:
         if r.finished is not None:

@@ -1,13 +1,15 @@
-"""Bench results: JSON file, Markdown table (appended to docs/benchmarks.md), PNG plot."""
+"""Bench results: a JSON file, a Markdown table (appended to docs/benchmarks.md) and a plot.
+
+Every figure in the report comes from the result dict of this run; nothing is filled in.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
+
+from bench.plot import plot
 
 COLUMNS = [
     ("system", "system"), ("concurrency", "conc."), ("output_tokens_per_s", "out tok/s"),
@@ -17,24 +19,7 @@ COLUMNS = [
     ("e2e_p99_ms", "e2e p99 ms"), ("mean_batch", "mean batch"), ("requests", "reqs"),
     ("errors", "errors"),
 ]
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "commit": commit}
+METRIC_KEYS = tuple(key for key, _ in COLUMNS[2:])
 
 
 def _cell(value: Any) -> str:
@@ -45,77 +30,91 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown(result: dict[str, Any]) -> str:
-    meta = result["meta"]
-    lines = [
-        f"### {meta['date']} — workload `{meta['workload']}`, {meta['mode']} loop, "
+def load_label(row: dict[str, Any]) -> str:
+    """The ``conc.`` cell: clients (closed loop) or the arrival rate (open loop)."""
+    if row.get("rate") is not None:
+        return f"{row['rate']:g}/s"
+    return _cell(row.get("concurrency"))
+
+
+def _header(meta: dict[str, Any]) -> list[str]:
+    mach = meta["machine"]
+    settings = ", ".join(f"{k}={v}" for k, v in (meta.get("settings") or {}).items())
+    cap = meta.get("max_tokens_cap")
+    foreign = meta.get("foreign_cores")
+    noise = ("n/a" if foreign is None else
+             f"{foreign:.2f} cores on average (1-min load average at the end "
+             f"{meta.get('loadavg_1m_end') or 0:.2f})")
+    return [
+        f"### Run of {meta['date']} — workload `{meta['workload']}`"
+        f"{f' (max_tokens capped at {cap})' if cap else ''}, {meta['mode']} loop, "
         f"{meta['model']} {meta['dtype']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']['cpus']} CPUs ({meta['machine']['cpu']}), commit "
-        f"`{meta['machine']['commit']}`; bf16 matmul measured at "
-        f"{meta['matmul_gflops']:.0f} GFLOP/s; model parameters {meta['parameters']:,}.",
-        "",
-        "| " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        f"Machine: {mach['cpus']} CPUs ({mach['cpu']}), commit `{mach['commit']}`; bf16 "
+        f"matmul measured at {meta['matmul_gflops']:.0f} GFLOP/s; model parameters "
+        f"{meta['parameters']:,}.  ",
+        f"Settings: {settings or 'n/a'}.  ",
+        f"Other processes on the machine during the run: {noise}.",
     ]
+
+
+def _cpu_table(runs: list[dict[str, Any]]) -> list[str]:
+    rows = [r for r in runs if r.get("cpu_cores")]
+    if not rows:
+        return []
+    names = sorted({n for r in rows for n in r["cpu_cores"]}, key=lambda n: (n != "loadgen", n))
+    lines = ["", "CPU cores used per process (CPU-seconds per wall second; 2 = both cores):",
+             "", "| system | conc. | " + " | ".join(names) + " |",
+             "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = [_cell(r["cpu_cores"].get(n)) for n in names]
+        lines.append(f"| {r['system']} | {load_label(r)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _targets(targets: list[dict[str, Any]]) -> list[str]:
+    if not targets:
+        return []
+    lines = ["", "| target | steady state | whole run | goal | met (steady) |",
+             "|---|---|---|---|---|"]
+    for t in targets:
+        met = "n/a (did not run)" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['name']} | {_cell(t['value'])} | {_cell(t.get('whole_run'))} "
+                     f"| {t['goal']} | {met} |")
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [*_header(meta), "", "| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
     for row in result["runs"]:
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
-    for row in result["runs"]:
-        if row.get("note"):
-            lines.append(f"\n- `{row['system']}` at {row['concurrency']}: {row['note']}")
-    if result.get("targets"):
-        lines += ["", "| target | steady state | whole run | goal | met (steady) |",
-                  "|---|---|---|---|---|"]
-        for t in result["targets"]:
-            met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['name']} | {_cell(t['value'])} | {_cell(t.get('whole_run'))} "
-                         f"| {t['goal']} | {met} |")
+        cells = [row["system"], load_label(row)] + [_cell(row.get(k)) for k in METRIC_KEYS]
+        lines.append("| " + " | ".join(cells) + " |")
+    present = {row["system"] for row in result["runs"]}
+    notes = [f"- `{name}`: {text}" for name, text in (meta.get("system_notes") or {}).items()
+             if name in present]
+    notes += [f"- `{row['system']}` at {load_label(row)}: {row['note']}"
+              for row in result["runs"] if row.get("note")]
+    if notes:
+        lines += ["", *notes]
+    lines += _cpu_table(result["runs"])
+    lines += _targets(result.get("targets") or [])
     return "\n".join(lines) + "\n"
 
 
 def write(result: dict[str, Any], out_dir: Path, append_to: Path | None) -> Path:
+    """``<out>/bench-<time>.json``, ``.md`` and ``.png``; the Markdown appended to
+    ``append_to`` too when given. Returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = result["meta"]["date"].replace(":", "").replace(" ", "T")
     path = out_dir / f"bench-{stamp}.json"
+    png = out_dir / f"bench-{stamp}.png"
+    result["meta"]["plot"] = str(png) if plot(result, png) else None
     path.write_text(json.dumps(result, indent=2))
     (out_dir / f"bench-{stamp}.md").write_text(markdown(result))
-    plot(result, out_dir / f"bench-{stamp}.png")
     if append_to is not None:
         with append_to.open("a") as fh:
             fh.write("\n" + markdown(result))
     return path
-
-
-def plot(result: dict[str, Any], path: Path) -> bool:
-    """Throughput and p99 TTFT against concurrency, one line per system."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    systems: dict[str, list[dict[str, Any]]] = {}
-    for row in result["runs"]:
-        if row.get("output_tokens_per_s") is not None and row["system"] != "bus":
-            systems.setdefault(row["system"], []).append(row)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in systems.items():
-        rows.sort(key=lambda r: r["concurrency"])
-        xs = [r["concurrency"] for r in rows]
-        left.plot(xs, [r["output_tokens_per_s"] for r in rows], marker="o", label=name)
-        right.plot(xs, [r["ttft_p99_ms"] or 0 for r in rows], marker="o", label=name)
-    for ax, title in ((left, "output tokens/s"), (right, "p99 TTFT (ms)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrent clients")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    right.set_yscale("log")
-    left.legend(fontsize=8)
-    fig.suptitle(f"{result['meta']['model']} {result['meta']['dtype']}, "
-                 f"{result['meta']['workload']} workload")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True

@@ -26,13 +26,42 @@ def test_quick_bench_output_is_well_formed(tmp_path: Path, smollm2_dir: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     [path] = tmp_path.glob("bench-*.json")
     result = json.loads(path.read_text())
-    assert {"date", "model", "dtype", "parameters", "matmul_gflops", "machine"} <= set(
-        result["meta"])
-    assert result["meta"]["parameters"] > 100_000_000
+    meta = result["meta"]
+    assert {"date", "model", "dtype", "parameters", "matmul_gflops", "machine", "settings",
+            "command", "foreign_cores"} <= set(meta)
+    assert meta["parameters"] > 100_000_000 and meta["matmul_gflops"] > 0
+    assert {"cpus", "cpu", "commit"} <= set(meta["machine"])
     assert {row["system"] for row in result["runs"]} == set(SYSTEMS)
     for row in result["runs"]:
         assert "note" not in row or not row["note"].startswith("did not run"), row
         for key in METRICS:
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (row, key)
         assert row["errors"] == 0 and row["output_tokens_per_s"] > 0
-    assert list(tmp_path.glob("bench-*.png")) and list(tmp_path.glob("bench-*.md"))
+        assert row["requests_per_s"] > 0 and row["ttft_p50_ms"] > 0
+        assert row["ttft_p50_ms"] <= row["ttft_p99_ms"] <= row["e2e_p99_ms"] + 1e-6
+        if row["system"] in ("hf-cb", "engine", "full", "bus"):  # these stream: gaps exist
+            assert row["itl_p50_ms"] is not None and row["itl_p50_ms"] >= 0
+        if row["system"] in ("full", "bus"):
+            assert {"loadgen", "gateway", "worker0", "redis"} <= set(row["cpu_cores"])
+    assert result["targets"] == []  # --quick: shape, not speed
+    [png] = tmp_path.glob("bench-*.png")
+    assert png.stat().st_size > 1000 and meta["plot"] == str(png)
+    [md] = tmp_path.glob("bench-*.md")
+    assert md.read_text().count("\n| engine |") == 2
+
+
+def test_quick_open_loop_reports_rates(tmp_path: Path, smollm2_dir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--mode", "open", "--rate",
+                           "20", "--systems", "engine,naive,full", "--out", str(tmp_path),
+                           "--no-append"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [path] = tmp_path.glob("bench-*.json")
+    result = json.loads(path.read_text())
+    assert result["meta"]["mode"] == "open"
+    assert {(row["system"], row["rate"]) for row in result["runs"]} == {
+        ("engine", 20.0), ("naive", 20.0), ("full", 20.0)}
+    for row in result["runs"]:
+        assert row["errors"] == 0 and row["requests"] == 2 and row["output_tokens_per_s"] > 0
+        assert row["steady_tokens_per_s"] is None  # no clients to run dry in an open loop
+    assert "| engine | 20/s |" in path.with_suffix(".md").read_text()

@@ -1,0 +1,62 @@
+"""The issue's targets, each computed from rows of the same run: measured value vs goal.
+
+Ratios use the steady-state rate (every client still busy); the whole-run rate, the closed
+loop's drain tail included, is reported beside each. A target whose inputs did not run is
+reported with value ``None`` and ``met`` ``None`` (never guessed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TARGET_CLIENTS = 32  # full path vs the baselines
+EFFICIENCY_CLIENTS = 64
+
+
+def _find(runs: list[dict[str, Any]], system: str, clients: int | None, key: str,
+          ) -> float | None:
+    for row in runs:
+        if row["system"] == system and (clients is None or row.get("concurrency") == clients):
+            value = row.get(key)
+            return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if not a or not b else round(a / b, 2)
+
+
+def decode_efficiency(tokens_per_s: float | None, parameters: int, flops: float,
+                      ) -> float | None:
+    """Output tokens/s x 2 x parameters / measured matmul FLOP/s (2 FLOPs per weight per
+    token: the decode's matmul work only; attention and prefill are not counted)."""
+    if not tokens_per_s or not parameters or not flops:
+        return None
+    return round(tokens_per_s * 2 * parameters / flops, 3)
+
+
+def compute_targets(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    c = TARGET_CLIENTS
+    rows: list[tuple[str, float | None, float | None, str, float]] = []
+    for name, base, base_clients, goal, threshold in (
+            (f"full / static batching, {c} clients", "static", c, ">= 4x", 4.0),
+            (f"full at {c} clients / naive (serial)", "naive", None, ">= 20x", 20.0),
+            (f"full / transformers CB, {c} clients", "hf-cb", c, ">= 3x", 3.0),
+            (f"full / in-process engine, {c} clients", "engine", c, ">= 0.9", 0.9)):
+        steady = _ratio(_find(runs, "full", c, "steady_tokens_per_s"),
+                        _find(runs, base, base_clients, "steady_tokens_per_s"))
+        whole = _ratio(_find(runs, "full", c, "output_tokens_per_s"),
+                       _find(runs, base, base_clients, "output_tokens_per_s"))
+        rows.append((name, steady, whole, goal, threshold))
+    flops = float(meta.get("matmul_gflops") or 0.0) * 1e9
+    params = int(meta.get("parameters") or 0)
+    for system in ("engine", "full"):
+        steady, whole = (decode_efficiency(_find(runs, system, EFFICIENCY_CLIENTS, key), params,
+                                           flops)
+                         for key in ("steady_tokens_per_s", "output_tokens_per_s"))
+        rows.append((f"decode efficiency, {system} at {EFFICIENCY_CLIENTS} clients", steady,
+                     whole, ">= 0.35", 0.35))
+    bus = _find(runs, "bus", None, "requests_per_s")
+    rows.append(("bus requests/s (one gateway)", bus, bus, ">= 2000", 2000.0))
+    return [{"name": n, "value": v, "whole_run": w, "goal": g,
+             "met": None if v is None else v >= t} for n, v, w, g, t in rows]
