@@ -27,11 +27,21 @@ class ModelInfo:
     add_bos_token: bool = False  # prepend bos to plain completion prompts
     quantization: str = "none"
     dtype: str = ""
+    # The serving worker's KV budget (``TOKENFLEET_MAX_BATCH_TOKENS``): a request whose prompt
+    # + max_tokens exceeds it can never run; 0 = unknown (an older worker).
+    max_batch_tokens: int = 0
+    # Sampling defaults for requests that leave a field unset (vLLM reads them from the
+    # model's ``generation_config.json``): keys among temperature, top_p, top_k, min_p,
+    # repetition_penalty. A request's own values always win.
+    generation_defaults: dict[str, float] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.tokenizer_json)
         digest.update(self.chat_template.encode())
+        # budgets and defaults too: a gateway refreshes its cached info when they change
+        digest.update(f"{self.max_batch_tokens}:{sorted(self.generation_defaults.items())}"
+                      .encode())
         return digest.hexdigest()[:16]
 
     def to_mapping(self) -> dict[str, bytes]:
@@ -46,6 +56,8 @@ class ModelInfo:
             "add_bos_token": self.add_bos_token,
             "quantization": self.quantization,
             "dtype": self.dtype,
+            "max_batch_tokens": self.max_batch_tokens,
+            "generation_defaults": self.generation_defaults,
         }
         return {
             "meta": msgpack.packb(payload, use_bin_type=True),
@@ -69,6 +81,9 @@ class ModelInfo:
                 add_bos_token=bool(meta.get("add_bos_token", False)),
                 quantization=meta.get("quantization", "none"),
                 dtype=meta.get("dtype", ""),
+                max_batch_tokens=int(meta.get("max_batch_tokens", 0)),
+                generation_defaults={str(k): float(v) for k, v in
+                                     dict(meta.get("generation_defaults") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, msgpack.ExtraData) as exc:
             raise ProtocolError(f"malformed model info: {exc}") from exc
