@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.testing import FakeWorker, gateway_client, tiny_model_info
 from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import unpack_request
 from shared.redis_conn import async_client
 from shared.settings import Settings
+from tests.support.gateway import gateway_client
+from tests.support.model import tiny_model_info
+from tests.support.worker import register_worker
 
 PREFIX = "tflimits"
 KEYS = Keys(PREFIX)
@@ -24,10 +26,10 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def _registered(redis: aioredis.Redis) -> FakeWorker:
-    worker = FakeWorker(redis, KEYS, tiny_model_info())  # registered, never consuming
-    await worker.register()
-    return worker
+def _registered(redis_url: str, name: str = "tiny", worker_id: str = "worker-idle") -> None:
+    """A worker registered for ``name`` that never consumes (requests stay queued)."""
+    register_worker(Settings(redis_url=redis_url, key_prefix=PREFIX), tiny_model_info(name),
+                    worker_id)
 
 
 async def _queued(redis: aioredis.Redis) -> list:  # type: ignore[type-arg]
@@ -37,7 +39,7 @@ async def _queued(redis: aioredis.Redis) -> list:  # type: ignore[type-arg]
 
 async def test_full_queue_answers_429_with_retry_after(redis_url: str,
                                                        redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, backlog_limit=3)
     async with gateway_client(settings) as (http, app):
         for i in range(3):
@@ -53,7 +55,7 @@ async def test_full_queue_answers_429_with_retry_after(redis_url: str,
 
 async def test_sampled_requests_get_a_seed_and_greedy_ones_do_not(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         for body in ({"prompt": "a", "temperature": 0.7}, {"prompt": "b", "temperature": 0},
@@ -68,7 +70,7 @@ async def test_sampled_requests_get_a_seed_and_greedy_ones_do_not(
 
 async def test_model_may_be_omitted_when_one_is_served_and_timeout_sets_a_deadline(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         resp = await http.post("/v1/jobs", json={"prompt": "hello", "timeout": 30})
@@ -82,7 +84,7 @@ async def test_model_may_be_omitted_when_one_is_served_and_timeout_sets_a_deadli
 
 async def test_backlog_counts_undelivered_and_pending_entries_not_acked_ones(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     interactive = KEYS.requests_stream("tiny", "interactive")
     batch = KEYS.requests_stream("tiny", "batch")
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, backlog_limit=6)
@@ -109,8 +111,8 @@ async def test_backlog_counts_undelivered_and_pending_entries_not_acked_ones(
 
 async def test_model_must_be_named_when_several_are_served(redis_url: str,
                                                            redis: aioredis.Redis) -> None:
-    await _registered(redis)
-    await FakeWorker(redis, KEYS, tiny_model_info("other"), worker_id="w-other").register()
+    _registered(redis_url)
+    _registered(redis_url, "other", "w-other")
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         resp = await http.post("/v1/jobs", json={"prompt": "hello"})
@@ -127,7 +129,7 @@ async def test_model_must_be_named_when_several_are_served(redis_url: str,
 ])
 async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: aioredis.Redis,
                                                         field: str, value: object) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
         resp = await http.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], field: value})
@@ -139,7 +141,7 @@ async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: a
 
 async def test_a_gateway_that_is_shutting_down_refuses_new_generations(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, app):
         app.state.gateway.is_shutting_down = True
         resp = await http.post("/v1/jobs", json={"prompt": "hi"})
