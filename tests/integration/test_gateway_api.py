@@ -234,6 +234,26 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
      {**CHAT, "messages": [{"role": "assistant", "content": "hi"}]}, 400,
      "must not start with an assistant"),
     ("not an object", "/v1/chat/completions", [1, 2], 400, "invalid request"),
+    # numbers the worker (msgpack: int64, the engine: int32) cannot take: 400 naming them
+    ("huge top_k", "/v1/completions", {"model": "tiny", "prompt": "a", "top_k": 2**70}, 400,
+     "top_k: Input should be less than or equal to 2147483647"),
+    ("huge seed", "/v1/completions", {"model": "tiny", "prompt": "a", "seed": 2**70}, 400,
+     "seed: Input should be less than or equal to"),
+    ("huge min_tokens", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                            "min_tokens": 2**70}, 400, "min_tokens"),
+    ("huge max_tokens", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                            "max_tokens": 2**70}, 400, "at most 200"),
+    ("huge max_completion_tokens", "/v1/chat/completions",
+     {**CHAT, "max_completion_tokens": 2**70}, 400, "at most 200"),
+    ("huge stop token id", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                               "stop_token_ids": [2**70]}, 400,
+     "is not a token id of this model"),
+    ("many stop token ids", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                                "stop_token_ids": [1] * 65}, 400,
+     "at most 64 stop_token_ids"),
+    ("huge timeout", "/v1/completions", {"model": "tiny", "prompt": "a", "timeout": 1e300},
+     400, "timeout"),
+    ("huge n", "/v1/chat/completions", {**CHAT, "n": 2**70}, 400, "n>1 is not supported"),
 ]
 
 
@@ -248,6 +268,7 @@ async def test_rejected_request_enqueues_nothing(client: httpx.AsyncClient,
     error = response.json()["error"]
     assert message in error["message"]
     assert error["type"] == "invalid_request_error"
+    assert error["param"] is not None or status == 404 or name == "not an object"
     assert "Traceback" not in response.text
     assert await queued(redis) == 0
     assert worker.served == []
