@@ -7,12 +7,16 @@ puts a traceback in a response; unexpected exceptions are logged and answered wi
 from __future__ import annotations
 
 import logging
+import re
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -89,13 +93,61 @@ async def _tokenfleet_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+REDIS_RETRY_AFTER_S = 5  # Retry-After of a 503 caused by Redis
+REDIS_LOG_EVERY_S = 30.0  # one log line per kind of Redis trouble per this period
+
+# Replies of a live Redis that refuses writes for a while: (marker, code, what to tell).
+_REDIS_REFUSALS: tuple[tuple[str, str, str], ...] = (
+    ("OOM", "redis_out_of_memory",
+     "Redis is out of memory (maxmemory reached) and refuses writes"),
+    ("READONLY", "redis_read_only",
+     "Redis is read-only (a failover to a replica may be under way) and refuses writes"),
+    ("MISCONF", "redis_misconfigured",
+     "Redis refuses writes because it cannot persist to disk (MISCONF)"),
+)
+_last_logged: dict[str, float] = {}
+_WORD = re.compile(r"[A-Z]+")
+
+
+def redis_refusal(exc: RedisError) -> tuple[str, str] | None:
+    """``(code, message)`` when ``exc`` is a write refusal of a live Redis (not an outage).
+
+    redis-py types OOM and READONLY replies; MISCONF, and any of them inside a Lua script's
+    error, arrive as a plain ``ResponseError`` whose text names the reply."""
+    words = set(_WORD.findall(str(exc)))
+    for marker, code, message in _REDIS_REFUSALS:
+        is_typed = (marker == "OOM" and isinstance(exc, RedisOutOfMemoryError)) or (
+            marker == "READONLY" and isinstance(exc, RedisReadOnlyError))
+        if is_typed or marker in words:
+            return code, message
+    return None
+
+
+def _log_redis_trouble(code: str, line: str) -> None:
+    """One warning per kind of trouble per ``REDIS_LOG_EVERY_S``, not one per request."""
+    now = time.monotonic()
+    if now - _last_logged.get(code, float("-inf")) >= REDIS_LOG_EVERY_S:
+        _last_logged[code] = now
+        logger.warning("%s (answering 503 with Retry-After; logged once per %.0f s)",
+                       line, REDIS_LOG_EVERY_S)
+
+
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.warning("%s %s: Redis error: %r", request.method, request.url.path, exc)
+    assert isinstance(exc, RedisError)
+    headers = {"Retry-After": str(REDIS_RETRY_AFTER_S)}
+    refusal = redis_refusal(exc)
+    if refusal is not None:
+        code, what = refusal
+        _log_redis_trouble(code, f"{what}: {exc}")
+        return error_response(503, f"{what}; the request was not queued, retry later",
+                              kind="service_unavailable", code=code, headers=headers)
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-        message = f"Redis unavailable: {exc}"
-    else:
-        message = f"Redis error: {exc}"
-    return error_response(503, message, kind="service_unavailable", code="redis_unavailable")
+        _log_redis_trouble("redis_unavailable", f"Redis unavailable: {exc!r}")
+        return error_response(503, f"Redis unavailable: {exc}", kind="service_unavailable",
+                              code="redis_unavailable", headers=headers)
+    logger.warning("%s %s: Redis error: %r", request.method, request.url.path, exc)
+    return error_response(503, f"Redis error: {exc}", kind="service_unavailable",
+                          code="redis_error", headers=headers)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

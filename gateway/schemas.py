@@ -12,6 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Lane = Literal["interactive", "batch"]
+
+# Bounds of numbers that travel to the worker: msgpack carries int64/uint64 at most, and the
+# engine indexes tensors with int32. Limits that depend on settings or the model are checked
+# in ``gateway.validate``.
+MAX_INT32 = 2**31 - 1
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range, which msgpack also carries
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -41,16 +48,18 @@ class GenerationParams(_Strict):
                               description="optional when the fleet serves exactly one model")
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1, description="extension: 0 or -1 = off")
+    # None = unset: the model's sampling defaults apply (``GET /v1/models``), else 1.0 / 1.0 / 0
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32,
+                              description="extension: 0 or -1 = off")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = Field(default=None, description="extension")
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(default=False, description="extension")
-    min_tokens: int = Field(default=0, ge=0, description="extension")
+    min_tokens: int = Field(default=0, ge=0, le=MAX_INT32, description="extension")
     n: int | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None

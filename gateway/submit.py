@@ -6,7 +6,9 @@ either fully queued (job record + stream entry) or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,9 +20,11 @@ from gateway.jobs import STATUS_QUEUED
 from gateway.openai_format import Kind
 from gateway.schemas import ChatMessage, GenerationParams
 from gateway.state import GatewayState
+from gateway.tokenize import PromptTokenizer
 from gateway.validate import (
     chat_messages,
     check_max_tokens_range,
+    check_stop_token_ids_count,
     check_supported,
     choose_max_tokens,
     completion_prompt,
@@ -79,24 +83,23 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     check_supported(body)
     requested = requested_max_tokens(body)
     check_max_tokens_range(requested, settings)
+    check_stop_token_ids_count(body, settings)
     stop = stop_sequences(body.stop, settings)
     chat = chat_messages(messages, settings) if messages is not None else None
     text = completion_prompt(prompt) if chat is None else None
 
     model = await gw.catalog.resolve_model(body.model)
     entry = await gw.catalog.model(model)
-    kind: Kind
-    if chat is not None:
-        token_ids, kind, param = entry.tokenizer.encode_chat(chat), "chat", "messages"
-    else:
-        assert text is not None
-        token_ids, kind, param = entry.tokenizer.encode_prompt(text), "completion", "prompt"
+    kind: Kind = "chat" if chat is not None else "completion"
+    param = "messages" if chat is not None else "prompt"
+    token_ids = await encode(entry.tokenizer, chat, text, settings.tokenize_inline_chars)
     if not token_ids:
         raise InvalidRequestError(f"{param} is empty after tokenization", param=param)
-    max_tokens = choose_max_tokens(requested, len(token_ids), entry.info.max_context,
-                                   settings, prompt_param=param)
+    info = entry.info
+    max_tokens = choose_max_tokens(requested, len(token_ids), info.max_context, settings,
+                                   prompt_param=param, max_batch_tokens=info.max_batch_tokens)
     params = sampling_params(body, max_tokens=max_tokens, stop=stop,
-                             vocab_size=entry.info.vocab_size)
+                             vocab_size=info.vocab_size, defaults=info.generation_defaults)
     if params.seed is None and not params.is_greedy:
         params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
     await gw.backlog.check(model)  # before the rate limiter spends the key's budget
@@ -119,6 +122,22 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     )
     return Submission(request=request, kind=kind, stream=body.stream,
                       include_usage=body.include_usage)
+
+
+async def encode(tokenizer: PromptTokenizer, chat: list[dict[str, str]] | None,
+                 text: str | None, inline_chars: int) -> list[int]:
+    """Token ids of the prompt; a long one is templated and tokenized in a worker thread, so
+    one huge prompt does not stall every other request and stream of this gateway."""
+    if chat is not None:
+        size = sum(len(message["content"]) for message in chat)
+        run = functools.partial(tokenizer.encode_chat, chat)
+    else:
+        assert text is not None
+        size = len(text)
+        run = functools.partial(tokenizer.encode_prompt, text)
+    if size <= inline_chars:
+        return run()
+    return await asyncio.to_thread(run)
 
 
 async def enqueue(gw: GatewayState, submission: Submission) -> None:

@@ -6,7 +6,9 @@ them run before anything is written to Redis.
 
 from __future__ import annotations
 
-from gateway.schemas import ChatMessage, CompletionRequest, GenerationParams
+from collections.abc import Mapping
+
+from gateway.schemas import MAX_INT32, ChatMessage, CompletionRequest, GenerationParams
 from shared.errors import InvalidRequestError
 from shared.protocol import SamplingParams
 from shared.settings import Settings
@@ -115,20 +117,37 @@ def completion_prompt(prompt: str | list[object] | None) -> str:
 
 
 def choose_max_tokens(requested: int | None, num_prompt: int, max_context: int,
-                      settings: Settings, *, prompt_param: str) -> int:
-    """``max_tokens`` to generate: the client's if it fits, else the default capped to fit."""
+                      settings: Settings, *, prompt_param: str,
+                      max_batch_tokens: int = 0) -> int:
+    """``max_tokens`` to generate: the client's if it fits, else the default capped to fit.
+
+    A request must fit the model's context and, when the worker published it
+    (``max_batch_tokens`` > 0), the worker's KV budget: prompt + max_tokens tokens of cache.
+    """
     if num_prompt >= max_context:
         raise InvalidRequestError(
             f"prompt is {num_prompt} tokens, longer than the model's context of "
             f"{max_context}", param=prompt_param)
+    if 0 < max_batch_tokens <= num_prompt:
+        raise InvalidRequestError(
+            f"prompt is {num_prompt} tokens, but the workers serving this model hold at most "
+            f"{max_batch_tokens} tokens per request (prompt + max_tokens; their "
+            f"TOKENFLEET_MAX_BATCH_TOKENS); shorten the prompt", param=prompt_param)
     room = max_context - num_prompt
+    budget_room = max_batch_tokens - num_prompt if max_batch_tokens > 0 else room
     if requested is None:
-        return min(settings.default_max_tokens, settings.max_tokens_cap, room)
+        return min(settings.default_max_tokens, settings.max_tokens_cap, room, budget_room)
     check_max_tokens_range(requested, settings)
     if requested > room:
         raise InvalidRequestError(
             f"the prompt has {num_prompt} tokens and the model's context is {max_context} "
             f"tokens, so max_tokens must be <= {room} (got {requested})", param="max_tokens")
+    if requested > budget_room:
+        raise InvalidRequestError(
+            f"the prompt has {num_prompt} tokens and the workers serving this model hold at "
+            f"most {max_batch_tokens} tokens per request (prompt + max_tokens; their "
+            f"TOKENFLEET_MAX_BATCH_TOKENS), so max_tokens must be <= {budget_room} "
+            f"(got {requested}); lower max_tokens or shorten the prompt", param="max_tokens")
     return requested
 
 
@@ -151,8 +170,38 @@ def requested_max_tokens(body: GenerationParams) -> int | None:
     return body.max_completion_tokens
 
 
+def check_stop_token_ids_count(body: GenerationParams, settings: Settings) -> None:
+    """The count limit of ``stop_token_ids`` (no model needed; ranges need its vocabulary)."""
+    count = len(body.stop_token_ids or ())
+    if count > settings.max_stop_token_ids:
+        raise InvalidRequestError(
+            f"at most {settings.max_stop_token_ids} stop_token_ids are allowed, got {count}",
+            param="stop_token_ids")
+
+
+def usable_sampling_defaults(published: Mapping[str, float]) -> dict[str, float | int]:
+    """The model's published defaults that the engine supports, in range (others dropped).
+
+    A worker reads them from the checkpoint's ``generation_config.json``; a value the
+    request schema would refuse is ignored rather than sent to every request."""
+    usable: dict[str, float | int] = {}
+    temperature = published.get("temperature")
+    if temperature is not None and 0.0 <= temperature <= 2.0:
+        usable["temperature"] = float(temperature)
+    top_p = published.get("top_p")
+    if top_p is not None and 0.0 < top_p <= 1.0:
+        usable["top_p"] = float(top_p)
+    top_k = published.get("top_k")
+    if top_k is not None and top_k == int(top_k) and 0 <= top_k <= MAX_INT32:
+        usable["top_k"] = int(top_k)
+    return usable
+
+
 def sampling_params(body: GenerationParams, *, max_tokens: int, stop: list[str],
-                    vocab_size: int) -> SamplingParams:
+                    vocab_size: int,
+                    defaults: Mapping[str, float] | None = None) -> SamplingParams:
+    """The worker's sampling parameters: the request's values, else the model's defaults
+    (``defaults``: its published ``generation_defaults``), else the protocol's."""
     stop_ids = list(body.stop_token_ids or [])
     for token_id in stop_ids:
         if not 0 <= token_id < vocab_size:
@@ -163,14 +212,26 @@ def sampling_params(body: GenerationParams, *, max_tokens: int, stop: list[str],
         raise InvalidRequestError(
             f"min_tokens ({body.min_tokens}) must be <= max_tokens ({max_tokens})",
             param="min_tokens")
+    model = usable_sampling_defaults(defaults or {})
+    base = SamplingParams()
+    temperature = _first(body.temperature, model.get("temperature"), base.temperature)
+    top_p = _first(body.top_p, model.get("top_p"), base.top_p)
+    top_k = int(_first(body.top_k, model.get("top_k"), base.top_k))
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=max(body.top_k, 0),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=0 if top_k < 0 or top_k >= vocab_size else top_k,  # -1 and >= vocab: off
         seed=body.seed,
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
     )
+
+
+def _first(*values: float | int | None) -> float | int:
+    for value in values:
+        if value is not None:
+            return value
+    raise AssertionError("the last value is never None")

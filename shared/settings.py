@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_tokens_cap: int = 4096
     max_stop_sequences: int = 8
     max_stop_length: int = 64
+    max_stop_token_ids: int = 64  # entries of the stop_token_ids extension
+    # prompts of more characters than this are tokenized in a thread, off the event loop
+    tokenize_inline_chars: int = 4096
     max_body_bytes: int = 1_048_576
     max_messages: int = 256
 

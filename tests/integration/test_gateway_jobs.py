@@ -11,9 +11,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.testing import FakeWorker, gateway_client, parse_sse, running_worker, tiny_model_info
 from shared.keys import Keys
 from shared.settings import Settings
+from tests.support.gateway import gateway_client, parse_sse
+from tests.support.model import tiny_model_info
+from tests.support.worker import RunningWorker, register_worker, running_worker
 
 PREFIX = "tftest"
 KEYS = Keys(PREFIX)
@@ -31,9 +33,9 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture
-async def worker(redis: aioredis.Redis) -> AsyncIterator[FakeWorker]:
-    async with running_worker(FakeWorker(redis, KEYS, tiny_model_info())) as fake:
-        yield fake
+async def worker(settings: Settings) -> AsyncIterator[RunningWorker]:
+    async with running_worker(settings, tiny_model_info()) as running:
+        yield running
 
 
 async def wait_for_status(client: httpx.AsyncClient, job_id: str, status: str) -> dict[str, Any]:
@@ -47,7 +49,7 @@ async def wait_for_status(client: httpx.AsyncClient, job_id: str, status: str) -
 
 async def test_job_is_accepted_and_polled_to_success(client: httpx.AsyncClient,
                                                      redis: aioredis.Redis,
-                                                     worker: FakeWorker) -> None:
+                                                     worker: RunningWorker) -> None:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "lane": "batch"}
     response = await client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
@@ -72,7 +74,7 @@ async def test_job_is_accepted_and_polled_to_success(client: httpx.AsyncClient,
 
 
 async def test_job_stream_replays_everything_to_a_late_reader(client: httpx.AsyncClient,
-                                                              worker: FakeWorker) -> None:
+                                                              worker: RunningWorker) -> None:
     job = (await client.post("/v1/jobs", json={"model": "tiny", "prompt": "hi"})).json()
     await wait_for_status(client, job["id"], "succeeded")
     response = await client.get(f"/v1/jobs/{job['id']}/stream")
@@ -85,7 +87,7 @@ async def test_job_stream_replays_everything_to_a_late_reader(client: httpx.Asyn
 
 
 async def test_job_stream_follows_a_running_job(client: httpx.AsyncClient,
-                                                worker: FakeWorker) -> None:
+                                                worker: RunningWorker) -> None:
     job = (await client.post("/v1/jobs", json={"model": "tiny", "prompt": "SLOW",
                                                "stream": True})).json()
     await wait_for_status(client, job["id"], "running")
@@ -94,7 +96,7 @@ async def test_job_stream_follows_a_running_job(client: httpx.AsyncClient,
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "Hello, world!"
 
 
-async def test_failed_job(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_failed_job(client: httpx.AsyncClient, worker: RunningWorker) -> None:
     job = (await client.post("/v1/jobs", json={"model": "tiny", "prompt": "FAIL"})).json()
     failed = await wait_for_status(client, job["id"], "failed")
     assert failed["error"] == "the fake model failed"
@@ -102,8 +104,9 @@ async def test_failed_job(client: httpx.AsyncClient, worker: FakeWorker) -> None
     assert json.loads(events[-2][1])["error"]["message"] == "the fake model failed"
 
 
-async def test_cancel_a_queued_job(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
-    await FakeWorker(redis, KEYS, tiny_model_info()).register()  # registered, not serving
+async def test_cancel_a_queued_job(client: httpx.AsyncClient, redis: aioredis.Redis,
+                                   settings: Settings) -> None:
+    register_worker(settings, tiny_model_info())  # registered, not serving
     job = (await client.post("/v1/jobs", json={"model": "tiny", "prompt": "hi"})).json()
     response = await client.delete(f"/v1/jobs/{job['id']}")
     assert response.status_code == 200
@@ -115,7 +118,7 @@ async def test_cancel_a_queued_job(client: httpx.AsyncClient, redis: aioredis.Re
     assert usage["usage"]["completion_tokens"] == 0
 
 
-async def test_cancel_a_running_job(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_cancel_a_running_job(client: httpx.AsyncClient, worker: RunningWorker) -> None:
     job = (await client.post("/v1/jobs", json={"model": "tiny", "prompt": "SLOW"})).json()
     await wait_for_status(client, job["id"], "running")
     response = await client.delete(f"/v1/jobs/{job['id']}")
@@ -135,14 +138,15 @@ async def test_unknown_job_is_404(client: httpx.AsyncClient, method: str, path: 
     assert response.status_code == 404
 
 
-async def test_job_needs_messages_or_prompt(client: httpx.AsyncClient, worker: FakeWorker) -> None:
+async def test_job_needs_messages_or_prompt(client: httpx.AsyncClient,
+                                            worker: RunningWorker) -> None:
     response = await client.post("/v1/jobs", json={"model": "tiny"})
     assert response.status_code == 400
     assert "either messages" in response.json()["error"]["message"]
 
 
 async def test_jobs_belong_to_their_key(redis_url: str, redis: aioredis.Redis,
-                                        worker: FakeWorker) -> None:
+                                        worker: RunningWorker) -> None:
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, auth=True, api_keys=["k1", "k2"])
     async with gateway_client(settings) as (http, _):
         assert (await http.post("/v1/jobs", json={"model": "tiny", "prompt": "hi"})

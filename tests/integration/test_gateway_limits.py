@@ -1,17 +1,26 @@
-"""Backpressure, seeds for retries, optional model, queue timeout."""
+"""Backpressure, seeds for retries, optional model, queue timeout, the worker's budgets and
+sampling defaults, long prompts off the event loop, Redis refusing writes."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.testing import FakeWorker, gateway_client, tiny_model_info
+from gateway.tokenize import PromptTokenizer
 from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import unpack_request
 from shared.redis_conn import async_client
 from shared.settings import Settings
+from tests.conftest import RedisServer
+from tests.support.gateway import gateway_client
+from tests.support.model import tiny_model_info
+from tests.support.worker import register_worker
 
 PREFIX = "tflimits"
 KEYS = Keys(PREFIX)
@@ -24,10 +33,10 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def _registered(redis: aioredis.Redis) -> FakeWorker:
-    worker = FakeWorker(redis, KEYS, tiny_model_info())  # registered, never consuming
-    await worker.register()
-    return worker
+def _registered(redis_url: str, name: str = "tiny", worker_id: str = "worker-idle") -> None:
+    """A worker registered for ``name`` that never consumes (requests stay queued)."""
+    register_worker(Settings(redis_url=redis_url, key_prefix=PREFIX), tiny_model_info(name),
+                    worker_id)
 
 
 async def _queued(redis: aioredis.Redis) -> list:  # type: ignore[type-arg]
@@ -37,7 +46,7 @@ async def _queued(redis: aioredis.Redis) -> list:  # type: ignore[type-arg]
 
 async def test_full_queue_answers_429_with_retry_after(redis_url: str,
                                                        redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, backlog_limit=3)
     async with gateway_client(settings) as (http, app):
         for i in range(3):
@@ -53,7 +62,7 @@ async def test_full_queue_answers_429_with_retry_after(redis_url: str,
 
 async def test_sampled_requests_get_a_seed_and_greedy_ones_do_not(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         for body in ({"prompt": "a", "temperature": 0.7}, {"prompt": "b", "temperature": 0},
@@ -68,7 +77,7 @@ async def test_sampled_requests_get_a_seed_and_greedy_ones_do_not(
 
 async def test_model_may_be_omitted_when_one_is_served_and_timeout_sets_a_deadline(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         resp = await http.post("/v1/jobs", json={"prompt": "hello", "timeout": 30})
@@ -82,7 +91,7 @@ async def test_model_may_be_omitted_when_one_is_served_and_timeout_sets_a_deadli
 
 async def test_backlog_counts_undelivered_and_pending_entries_not_acked_ones(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     interactive = KEYS.requests_stream("tiny", "interactive")
     batch = KEYS.requests_stream("tiny", "batch")
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, backlog_limit=6)
@@ -109,8 +118,8 @@ async def test_backlog_counts_undelivered_and_pending_entries_not_acked_ones(
 
 async def test_model_must_be_named_when_several_are_served(redis_url: str,
                                                            redis: aioredis.Redis) -> None:
-    await _registered(redis)
-    await FakeWorker(redis, KEYS, tiny_model_info("other"), worker_id="w-other").register()
+    _registered(redis_url)
+    _registered(redis_url, "other", "w-other")
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX)
     async with gateway_client(settings) as (http, _):
         resp = await http.post("/v1/jobs", json={"prompt": "hello"})
@@ -127,7 +136,7 @@ async def test_model_must_be_named_when_several_are_served(redis_url: str,
 ])
 async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: aioredis.Redis,
                                                         field: str, value: object) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
         resp = await http.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], field: value})
@@ -139,7 +148,7 @@ async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: a
 
 async def test_a_gateway_that_is_shutting_down_refuses_new_generations(
         redis_url: str, redis: aioredis.Redis) -> None:
-    await _registered(redis)
+    _registered(redis_url)
     async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, app):
         app.state.gateway.is_shutting_down = True
         resp = await http.post("/v1/jobs", json={"prompt": "hi"})
@@ -147,3 +156,131 @@ async def test_a_gateway_that_is_shutting_down_refuses_new_generations(
         assert (await http.get("/readyz")).status_code == 503
         assert (await http.get("/healthz")).status_code == 200
     assert await _queued(redis) == []
+
+
+# --- what the worker publishes: its KV budget and the model's sampling defaults -------------
+
+
+def _register_model(redis_url: str, **info: object) -> None:
+    register_worker(Settings(redis_url=redis_url, key_prefix=PREFIX), tiny_model_info(**info))
+
+
+async def test_a_request_that_can_never_fit_the_workers_kv_budget_is_400(
+        redis_url: str, redis: aioredis.Redis) -> None:
+    _register_model(redis_url, max_batch_tokens=120)  # the context is 256
+    async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
+        too_long = await http.post("/v1/jobs", json={"prompt": "a" * 100, "max_tokens": 50})
+        assert too_long.status_code == 400, too_long.text
+        error = too_long.json()["error"]
+        assert error["param"] == "max_tokens"
+        assert "hold at most 120 tokens per request" in error["message"]
+        assert "max_tokens must be <= 20 (got 50)" in error["message"]
+        prompt = await http.post("/v1/jobs", json={"prompt": "a" * 130})
+        assert prompt.status_code == 400 and prompt.json()["error"]["param"] == "prompt"
+        fits = await http.post("/v1/jobs", json={"prompt": "a" * 100})  # default capped
+        assert fits.status_code == 202, fits.text
+        assert fits.json()["max_tokens"] == 20
+    [request] = await _queued(redis)
+    assert len(request.prompt_token_ids) + request.params.max_tokens <= 120
+
+
+async def test_unset_sampling_fields_get_the_models_defaults_and_set_ones_win(
+        redis_url: str, redis: aioredis.Redis) -> None:
+    _register_model(redis_url, generation_defaults={"temperature": 0.2, "top_p": 0.9})
+    async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
+        card = (await http.get("/v1/models/tiny")).json()
+        assert card["sampling_defaults"] == {"temperature": 0.2, "top_p": 0.9, "top_k": 0}
+        listed = (await http.get("/v1/models")).json()["data"]
+        assert listed[0]["sampling_defaults"] == card["sampling_defaults"]
+        for body in ({"prompt": "a"}, {"prompt": "b", "temperature": 1.0, "top_p": 1.0},
+                     {"prompt": "c", "temperature": 0}):
+            assert (await http.post("/v1/jobs", json=body)).status_code == 202
+    plain, own, greedy = await _queued(redis)
+    assert (plain.params.temperature, plain.params.top_p) == (0.2, 0.9)
+    assert (own.params.temperature, own.params.top_p) == (1.0, 1.0)
+    assert (greedy.params.temperature, greedy.params.top_p) == (0.0, 0.9)
+
+
+async def test_a_huge_prompt_tokenizes_off_the_event_loop(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a 1 MB prompt is being tokenized, a small request is answered."""
+    entered, release = threading.Event(), threading.Event()
+    encode = PromptTokenizer.encode_prompt
+
+    def gated_encode(self: PromptTokenizer, prompt: str) -> list[int]:
+        if len(prompt) > 100_000:
+            entered.set()
+            release.wait(10)  # on the event loop this would stall the small request too
+        return encode(self, prompt)
+
+    monkeypatch.setattr(PromptTokenizer, "encode_prompt", gated_encode)
+    _registered(redis_url)
+    settings = Settings(redis_url=redis_url, key_prefix=PREFIX, max_body_bytes=2_000_000)
+    async with gateway_client(settings) as (http, _):
+        huge = asyncio.create_task(http.post("/v1/jobs", json={"prompt": "a" * 1_000_000}))
+        assert await asyncio.to_thread(entered.wait, 10)
+        small = await asyncio.wait_for(http.post("/v1/jobs", json={"prompt": "hi"}), 5)
+        assert small.status_code == 202, small.text
+        assert not huge.done()
+        release.set()
+        response = await huge
+    assert response.status_code == 400  # 1 M tokens: longer than the context
+    assert response.json()["error"]["param"] == "prompt"
+
+
+# --- Redis refusing writes is not an outage ---------------------------------------------------
+
+
+@pytest.mark.parametrize("refusal", ["oom", "misconf", "readonly"])
+async def test_redis_refusing_writes_is_503_with_retry_after(
+        redis_server: RedisServer, redis_url: str, redis: aioredis.Redis, refusal: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    _registered(redis_url)
+    async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
+        assert (await http.post("/v1/jobs", json={"prompt": "warm"})).status_code == 202
+        await _refuse_writes(redis, refusal, redis_server.data_dir)
+        try:
+            responses = [await http.post("/v1/jobs", json={"prompt": f"hi {i}"})
+                         for i in range(3)]
+        finally:
+            await _accept_writes(redis, refusal, redis_server.data_dir)
+    code = {"oom": "redis_out_of_memory", "misconf": "redis_misconfigured",
+            "readonly": "redis_read_only"}[refusal]
+    for response in responses:
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) >= 1
+        error = response.json()["error"]
+        assert error["code"] == code and "retry later" in error["message"]
+        assert "Traceback" not in response.text
+    logged = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(logged) == 1, logged  # one clear line for three refused requests
+    assert len(await _queued(redis)) == 1
+
+
+async def _refuse_writes(redis: aioredis.Redis, refusal: str, data_dir: Path) -> None:
+    if refusal == "oom":
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")  # anything in use is over it
+    elif refusal == "misconf":  # a background save failed (disk gone) and writes stop
+        await redis.config_set("save", "3600 1")
+        await redis.config_set("stop-writes-on-bgsave-error", "yes")
+        shutil.rmtree(data_dir)  # BGSAVE cannot create its temporary file
+        await redis.bgsave()
+        for _ in range(200):
+            if (await redis.info("persistence"))["rdb_last_bgsave_status"] == "err":
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("BGSAVE did not fail")
+    else:  # a replica: what clients see after a failover moved the primary away
+        await redis.execute_command("REPLICAOF", "127.0.0.1", "1")
+
+
+async def _accept_writes(redis: aioredis.Redis, refusal: str, data_dir: Path) -> None:
+    if refusal == "oom":
+        await redis.config_set("maxmemory", "0")
+    elif refusal == "misconf":
+        data_dir.mkdir(exist_ok=True)
+        await redis.config_set("save", "")
+        await redis.config_set("stop-writes-on-bgsave-error", "no")
+    else:
+        await redis.execute_command("REPLICAOF", "NO", "ONE")

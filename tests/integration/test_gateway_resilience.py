@@ -17,11 +17,12 @@ import uvicorn
 
 from gateway import generation, reader
 from gateway.app import create_app
-from gateway.testing import FakeWorker, gateway_client, parse_sse, running_worker, tiny_model_info
 from shared.keys import Keys
-from shared.redis_conn import async_client
 from shared.settings import Settings
 from tests.conftest import RedisServer, free_port
+from tests.support.gateway import gateway_client, parse_sse
+from tests.support.model import tiny_model_info
+from tests.support.worker import running_worker
 
 PREFIX = "tftest"
 KEYS = Keys(PREFIX)
@@ -37,7 +38,7 @@ def settings(redis_url: str) -> Settings:
 async def test_redis_down_answers_503_quickly(settings: Settings, redis: aioredis.Redis,
                                               redis_server: RedisServer) -> None:
     async with gateway_client(settings) as (http, _), \
-            running_worker(FakeWorker(redis, KEYS, tiny_model_info())):
+            running_worker(settings, tiny_model_info()):
         assert (await http.post("/v1/completions", json=COMPLETION)).status_code == 200
         redis_server.stop()
         started = time.monotonic()
@@ -55,25 +56,21 @@ async def test_events_flow_again_after_redis_restarts(settings: Settings,
                                                       redis_server: RedisServer) -> None:
     async with gateway_client(settings) as (http, app):
         redis_server.restart()
-        client = async_client(settings)
-        try:
-            async with running_worker(FakeWorker(client, KEYS, tiny_model_info())):
-                for _ in range(100):  # the dispatcher resubscribes within about a second
-                    if (await http.get("/readyz")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
-                assert app.state.gateway.dispatcher.is_subscribed
-                response = await http.post("/v1/completions", json=COMPLETION)
-                assert response.status_code == 200, response.text
-        finally:
-            await client.aclose()
+        async with running_worker(settings, tiny_model_info()):
+            for _ in range(100):  # the dispatcher resubscribes within about a second
+                if (await http.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.state.gateway.dispatcher.is_subscribed
+            response = await http.post("/v1/completions", json=COMPLETION)
+            assert response.status_code == 200, response.text
 
 
 async def test_lost_pubsub_events_are_recovered_from_the_job(
         settings: Settings, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reader, "IDLE_CHECK_S", 0.1)
-    worker = FakeWorker(redis, KEYS, tiny_model_info(), publish=False)
-    async with gateway_client(settings) as (http, _), running_worker(worker):
+    async with gateway_client(settings) as (http, _), \
+            running_worker(settings, tiny_model_info(), publish=False):
         response = await http.post("/v1/completions", json=COMPLETION)
         assert response.json()["choices"][0]["text"] == "Hello, world!"
         response = await http.post("/v1/completions", json={**COMPLETION, "stream": True})
@@ -84,7 +81,7 @@ async def test_lost_pubsub_events_are_recovered_from_the_job(
 async def test_malformed_event_batches_are_dropped(settings: Settings,
                                                    redis: aioredis.Redis) -> None:
     async with gateway_client(settings) as (http, app), \
-            running_worker(FakeWorker(redis, KEYS, tiny_model_info())):
+            running_worker(settings, tiny_model_info()):
         dispatcher = app.state.gateway.dispatcher
         await redis.publish(dispatcher.channel, b"\xc1 not msgpack")
         response = await http.post("/v1/completions", json=COMPLETION)
@@ -97,7 +94,7 @@ async def test_non_stream_timeout_is_504_and_cancels(
     monkeypatch.setattr(generation, "DEADLINE_GRACE_S", 0.1)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, request_timeout_s=0.3)
     async with gateway_client(settings) as (http, _), \
-            running_worker(FakeWorker(redis, KEYS, tiny_model_info())) as worker:
+            running_worker(settings, tiny_model_info()) as worker:
         response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "STALL"})
         assert response.status_code == 504
         assert "did not finish" in response.json()["error"]["message"]
@@ -115,7 +112,7 @@ async def test_client_leaving_a_stream_cancels_its_request(settings: Settings,
     try:
         while not server.started:
             await asyncio.sleep(0.01)
-        async with running_worker(FakeWorker(redis, KEYS, tiny_model_info())), \
+        async with running_worker(settings, tiny_model_info()), \
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             body = {"model": "tiny", "prompt": "SLOW", "stream": True}
             async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -137,7 +134,7 @@ def test_gateway_never_imports_torch() -> None:
     script = """
 import asyncio, sys
 from gateway.app import create_app
-from gateway.testing import tiny_model_info
+from tests.support.model import tiny_model_info
 from gateway.tokenize import PromptTokenizer
 from shared.settings import Settings
 create_app(Settings())

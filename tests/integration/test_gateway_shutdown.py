@@ -16,15 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.testing import FakeWorker, parse_sse, running_worker, tiny_model_info
-from shared.keys import Keys
-from shared.redis_conn import async_client
 from shared.settings import Settings
 from tests.conftest import free_port
 from tests.integration.fleet import REPO
+from tests.support.gateway import parse_sse
+from tests.support.model import tiny_model_info
+from tests.support.worker import running_worker
 
 PREFIX = "tfdrain"
-NUM_WORDS = 60  # the fake worker's SLOW mode: 50 ms a token -> about 3 s a stream
+NUM_WORDS = 60  # the scripted worker's SLOW mode: 50 ms a token -> about 3 s a stream
 SHUTDOWN_DELAY_S = 1.5
 
 
@@ -74,34 +74,31 @@ async def _stream(http: httpx.AsyncClient, started: asyncio.Event) -> str:
 async def test_sigterm_drains_open_streams_and_exits_0(
         redis_url: str, gateway: tuple[subprocess.Popen[bytes], str]) -> None:
     proc, url = gateway
-    redis = async_client(Settings(redis_url=redis_url))
-    worker = FakeWorker(redis, Keys(PREFIX), tiny_model_info(), reply=["w"] * NUM_WORDS)
-    try:
-        async with running_worker(worker), httpx.AsyncClient(base_url=url, timeout=30) as http:
-            await _wait_ready(http, proc)
-            started = asyncio.Event()
-            streams = [asyncio.create_task(_stream(http, started)) for _ in range(2)]
-            await asyncio.wait_for(started.wait(), timeout=10)
+    worker = running_worker(Settings(redis_url=redis_url, key_prefix=PREFIX), tiny_model_info(),
+                            reply=["w"] * NUM_WORDS)
+    async with worker, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        await _wait_ready(http, proc)
+        started = asyncio.Event()
+        streams = [asyncio.create_task(_stream(http, started)) for _ in range(2)]
+        await asyncio.wait_for(started.wait(), timeout=10)
 
-            proc.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:  # new connections
-                ready = await fresh.get("/readyz")
-                refused = await fresh.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-            assert time.monotonic() - signalled < SHUTDOWN_DELAY_S
-            assert ready.status_code == 503 and "shutting down" in ready.json()["reason"]
-            assert refused.status_code == 503
-            assert "shutting down" in refused.json()["error"]["message"]
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        async with httpx.AsyncClient(base_url=url, timeout=5) as fresh:  # new connections
+            ready = await fresh.get("/readyz")
+            refused = await fresh.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert time.monotonic() - signalled < SHUTDOWN_DELAY_S
+        assert ready.status_code == 503 and "shutting down" in ready.json()["reason"]
+        assert refused.status_code == 503
+        assert "shutting down" in refused.json()["error"]["message"]
 
-            for body in await asyncio.gather(*streams):
-                events = parse_sse(body)
-                assert events[-1] == (None, "[DONE]")
-                chunks = [json.loads(data) for _, data in events[:-1]]
-                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-                assert text == "w" * NUM_WORDS
-                assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-            assert time.monotonic() - signalled > SHUTDOWN_DELAY_S  # outlived the delay
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        await redis.aclose()
+        for body in await asyncio.gather(*streams):
+            events = parse_sse(body)
+            assert events[-1] == (None, "[DONE]")
+            chunks = [json.loads(data) for _, data in events[:-1]]
+            text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            assert text == "w" * NUM_WORDS
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert time.monotonic() - signalled > SHUTDOWN_DELAY_S  # outlived the delay
+    assert await asyncio.to_thread(proc.wait, 30) == 0

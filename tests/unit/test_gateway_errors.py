@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
-from gateway.errors import GatewayTimeoutError, describe, validation_message
+from gateway.errors import GatewayTimeoutError, describe, redis_refusal, validation_message
 from gateway.schemas import ChatCompletionRequest
 from shared.errors import (
     AuthError,
@@ -60,3 +62,20 @@ def test_describe_maps_error_types(error: Exception, status: int, code: str | No
     assert got_status == status
     assert body["error"]["code"] == code
     assert body["error"]["message"] == str(error)
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
+     "redis_out_of_memory"),
+    (ReadOnlyError("You can't write against a read only replica."), "redis_read_only"),
+    (ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's currently "
+                   "unable to persist to disk."), "redis_misconfigured"),
+    (ResponseError("Error running script (call to f_1): @user_script:2: OOM command not "
+                   "allowed when used memory > 'maxmemory'."), "redis_out_of_memory"),
+    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), None),
+    (RedisConnectionError("Connection refused"), None),
+])
+def test_write_refusals_of_a_live_redis_are_recognized(error: Exception,
+                                                       code: str | None) -> None:
+    refusal = redis_refusal(error)  # type: ignore[arg-type]
+    assert (refusal[0] if refusal else None) == code

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from gateway.errors import GatewayTimeoutError
 from gateway.openai_format import OpenAIFormat, Outcome
 from gateway.sse import StreamCloser, openai_stream
-from gateway.testing import parse_sse
 from shared.protocol import (
     EVENT_DONE,
     EVENT_ERROR,
@@ -17,6 +16,7 @@ from shared.protocol import (
     EVENT_TOKEN,
     TokenEvent,
 )
+from tests.support.gateway import parse_sse
 
 
 async def from_list(events: list[TokenEvent], fail: Exception | None = None

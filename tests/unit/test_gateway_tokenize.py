@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 from tokenizers import Tokenizer
 
-from gateway.testing import tiny_model_info
 from gateway.tokenize import ChatTemplateError, PromptTokenizer
 from shared.errors import InvalidRequestError
+from tests.support.model import tiny_model_info
 
 INFO = tiny_model_info()
 DECODER = Tokenizer.from_str(INFO.tokenizer_json.decode())

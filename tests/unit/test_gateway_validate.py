@@ -7,11 +7,13 @@ import pytest
 from gateway.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 from gateway.validate import (
     chat_messages,
+    check_stop_token_ids_count,
     check_supported,
     choose_max_tokens,
     completion_prompt,
     sampling_params,
     stop_sequences,
+    usable_sampling_defaults,
 )
 from shared.errors import InvalidRequestError
 from shared.settings import Settings
@@ -104,3 +106,64 @@ def test_sampling_params() -> None:
         sampling_params(chat(min_tokens=8), max_tokens=7, stop=[], vocab_size=10)
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
         sampling_params(chat(stop_token_ids=[10]), max_tokens=7, stop=[], vocab_size=10)
+
+
+# --- bounds, the worker's KV budget, the model's sampling defaults ---------------------------
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("top_k", 2**70), ("top_k", -2), ("seed", 2**64), ("seed", -(2**63) - 1),
+    ("min_tokens", 2**31), ("min_tokens", -1), ("temperature", 2.5), ("top_p", 0.0),
+    ("timeout", 86_401), ("timeout", 0),
+])
+def test_numbers_the_worker_cannot_take_are_refused_by_name(field: str, value: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        chat(**{field: value})
+    assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_stop_token_ids_count_is_bounded() -> None:
+    check_stop_token_ids_count(chat(stop_token_ids=[1] * 64), SETTINGS)
+    with pytest.raises(InvalidRequestError, match="at most 64 stop_token_ids") as info:
+        check_stop_token_ids_count(chat(stop_token_ids=[1] * 65), SETTINGS)
+    assert info.value.param == "stop_token_ids"
+    with pytest.raises(InvalidRequestError, match="not a token id"):
+        sampling_params(chat(stop_token_ids=[2**70]), max_tokens=7, stop=[], vocab_size=10)
+
+
+def test_kv_budget_caps_the_default_and_refuses_what_never_fits() -> None:
+    budget = {"prompt_param": "prompt", "max_batch_tokens": 300}
+    assert choose_max_tokens(None, 250, 2048, SETTINGS, **budget) == 50  # type: ignore[arg-type]
+    assert choose_max_tokens(50, 250, 2048, SETTINGS, **budget) == 50  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError) as info:
+        choose_max_tokens(51, 250, 2048, SETTINGS, **budget)  # type: ignore[arg-type]
+    assert info.value.param == "max_tokens"
+    assert "hold at most 300 tokens per request" in info.value.message
+    assert "max_tokens must be <= 50 (got 51)" in info.value.message
+    with pytest.raises(InvalidRequestError) as info:
+        choose_max_tokens(None, 300, 2048, SETTINGS, **budget)  # type: ignore[arg-type]
+    assert info.value.param == "prompt" and "shorten the prompt" in info.value.message
+    # 0: the worker did not say (an older one): only the context limits
+    assert choose_max_tokens(None, 250, 2048, SETTINGS, prompt_param="prompt") == 100
+
+
+def test_unset_sampling_fields_take_the_models_defaults() -> None:
+    defaults = {"temperature": 0.2, "top_p": 0.9, "top_k": 40.0}
+    params = sampling_params(chat(), max_tokens=7, stop=[], vocab_size=100, defaults=defaults)
+    assert (params.temperature, params.top_p, params.top_k) == (0.2, 0.9, 40)
+    own = sampling_params(chat(temperature=1.0, top_p=1.0, top_k=0), max_tokens=7, stop=[],
+                          vocab_size=100, defaults=defaults)
+    assert (own.temperature, own.top_p, own.top_k) == (1.0, 1.0, 0)  # the request wins
+    none = sampling_params(chat(), max_tokens=7, stop=[], vocab_size=100)
+    assert (none.temperature, none.top_p, none.top_k) == (1.0, 1.0, 0)
+    huge = sampling_params(chat(top_k=1000), max_tokens=7, stop=[], vocab_size=100)
+    assert huge.top_k == 0  # at least the vocabulary: no filter
+
+
+def test_out_of_range_published_defaults_are_ignored() -> None:
+    assert usable_sampling_defaults({"temperature": 5.0, "top_p": 0.0, "top_k": 2.5,
+                                     "min_p": 0.1, "repetition_penalty": 1.1}) == {}
+    assert usable_sampling_defaults({"temperature": 0.0, "top_k": 50.0}) == {
+        "temperature": 0.0, "top_k": 50}

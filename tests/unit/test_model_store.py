@@ -15,7 +15,9 @@ from shared.errors import ModelLoadError
 from shared.settings import DEFAULT_MODEL, Settings
 from worker import model_store
 from worker.model_store import (
+    DEFAULT_MODEL_SAMPLING,
     find_default_gguf,
+    generation_defaults,
     is_prepared,
     prepare_model,
     prepared_dir,
@@ -158,6 +160,56 @@ def test_incomplete_target_and_stale_temp_dirs_are_replaced(tmp_path: Path,
     assert len(fake_convert) == 1
 
 
+# --- sampling defaults (generation_config.json) -------------------------------------------
+
+
+def read_generation_config(path: Path) -> dict[str, object]:
+    return json.loads((path / "generation_config.json").read_text())
+
+
+def test_prepare_writes_the_built_in_models_sampling_defaults(tmp_path: Path,
+                                                              fake_convert: list[Path]) -> None:
+    path = prepare_model(make_settings(tmp_path / "models"))
+    assert generation_defaults(path) == {"temperature": 0.2, "top_p": 0.9}
+    assert read_generation_config(path)["do_sample"] is True
+
+
+def test_an_already_prepared_checkpoint_gets_them_once_and_keeps_its_own(
+        tmp_path: Path, fake_convert: list[Path]) -> None:
+    settings = make_settings(tmp_path / "models")
+    target = prepared_dir(settings)
+    write_checkpoint(target)  # prepared by an older tokenfleet: no generation_config.json
+    (target / "generation_config.json").write_text(json.dumps({"eos_token_id": 2,
+                                                               "top_p": 0.8}))
+    assert resolve_model_path(settings) == target
+    config = read_generation_config(target)
+    assert config == {"eos_token_id": 2, "top_p": 0.8, "temperature": 0.2, "do_sample": True}
+    before = (target / "generation_config.json").stat().st_mtime_ns
+    prepare_model(settings)  # idempotent: nothing left to add, the file is not rewritten
+    assert (target / "generation_config.json").stat().st_mtime_ns == before
+    assert fake_convert == []
+    assert set(DEFAULT_MODEL_SAMPLING) <= set(config)
+
+
+@pytest.mark.parametrize(("config", "expected"), [
+    ({}, {}),
+    ({"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,
+      "repetition_penalty": 1.1}, {"temperature": 0.6, "top_p": 0.95, "top_k": 20.0}),
+    ({"do_sample": False, "temperature": 0.6}, {"temperature": 0.0}),
+    ({"temperature": 7, "top_p": 0, "top_k": 2.5}, {}),  # out of range: ignored
+    ({"temperature": True, "top_p": "0.9"}, {}),
+])
+def test_generation_defaults_keep_what_the_engine_supports(
+        tmp_path: Path, config: dict[str, object], expected: dict[str, float]) -> None:
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert generation_defaults(tmp_path) == expected
+
+
+def test_a_local_model_without_generation_config_has_no_defaults(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "m")
+    assert generation_defaults(tmp_path / "m") == {}
+
+
 # --- the real conversion ------------------------------------------------------------------
 
 
@@ -174,6 +226,7 @@ def test_real_conversion_writes_a_plain_safetensors_checkpoint(tmp_path: Path) -
     assert config["model_type"] == "llama"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (path / name).is_file(), name
+    assert generation_defaults(path) == DEFAULT_MODEL_SAMPLING
 
     from transformers import AutoConfig
 

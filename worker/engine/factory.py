@@ -13,6 +13,7 @@ from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
 from worker.engine.types import EngineRequest
+from worker.model_store import generation_defaults
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ def model_info(settings: Settings, loaded: LoadedModel, max_context: int) -> Mod
         add_bos_token=bool(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]),
         quantization=loaded.quantization,
         dtype=str(loaded.dtype).removeprefix("torch."),
+        generation_defaults=generation_defaults(Path(loaded.path)),
     )
 
 
