@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     gateway_shutdown_delay_s: float = 1.0  # on SIGTERM, /readyz 503 this long before closing
     log_level: str = "INFO"
 
+    # --- Operations: metrics and autoscaling (docs/operations.md) -----------------------
+    metrics_port: int = 0  # worker: /metrics, /healthz and /readyz on this port; 0 = off
+    scale_to_zero: bool = False  # gateway: with no live worker, queue work and stay ready
+    scale_down_idle_s: float = 30.0  # autoscaler: drain a worker idle (no request) this long
+    scale_target_requests: int = 16  # autoscaler: queued + running requests per worker
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -100,6 +106,11 @@ class Settings(BaseSettings):
         for name in ("auth_cache_s", "gateway_drain_timeout_s", "gateway_shutdown_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("TOKENFLEET_METRICS_PORT must be 0 (off) or a port number")
+        if self.scale_down_idle_s < 0 or self.scale_target_requests < 1:
+            raise ValueError("TOKENFLEET_SCALE_DOWN_IDLE_S must be >= 0 and "
+                             "TOKENFLEET_SCALE_TARGET_REQUESTS >= 1")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")
         if self.max_batch_tokens < self.max_prefill_tokens:

@@ -7,7 +7,7 @@ queue time = admitted here; TTFT = first generated token; e2e = finished. Inter-
 latency is the gap between a request's consecutive token steps (monotonic clock).
 
 The loop thread writes; the telemetry thread takes the sample (``take_sample``) under a
-lock; Prometheus' own types are thread-safe. ``serve(port)`` exposes ``/metrics``.
+lock; Prometheus' own types are thread-safe. ``worker.http_server`` serves ``/metrics``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.telemetry import (
     ITL_BUCKETS_S,
@@ -229,9 +229,3 @@ class WorkerMetrics:
         with self._lock:
             sample, self._sample = self._sample, Sample()
         return sample
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose ``/metrics`` on ``port`` (0 is not "off" here: the caller decides);
-        returns the port it listens on."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_port)
