@@ -93,19 +93,20 @@ def follow(client: Any, batch_id: str, poll_s: float) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("{task.fields[status]:<11}"), BarColumn(),
-               TextColumn("{task.completed:.0f}/{task.total:.0f} done, "
-                          "{task.fields[failed]} failed, {task.fields[tps]:.0f} tok/s"),
+               TextColumn("{task.fields[counts]}"),
                TimeRemainingColumn())
     rate = _Rate()
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("batch", total=None, status="validating", failed=0, tps=0.0)
+        task = progress.add_task("batch", total=None, status="validating", counts="")
 
         def update(batch: dict[str, Any]) -> None:
             counts = batch["request_counts"]
             tps = rate.update((batch.get("usage") or {}).get("output_tokens", 0))
-            progress.update(task, total=counts["total"] or None,
-                            completed=counts["completed"] + counts["failed"],
-                            status=batch["status"], failed=counts["failed"], tps=tps)
+            done = counts["completed"] + counts["failed"]
+            text = (f"{done}/{counts['total']} done, {counts['failed']} failed, "
+                    f"{tps:.0f} output tok/s")
+            progress.update(task, total=counts["total"] or None, completed=done,
+                            status=batch["status"], counts=text)
 
         return dict(client.wait(batch_id, poll_s, update))
 
