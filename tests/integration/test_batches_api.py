@@ -1,4 +1,4 @@
-"""Files and Batch APIs in-process (gateway app + fake worker + one orchestrator slice run
+"""Files and Batch APIs in-process (gateway app + real worker loop + one orchestrator slice run
 directly): uploads, limits, owners, and every kind of bad input failing before anything
 is queued."""
 
@@ -15,9 +15,11 @@ from fastapi import FastAPI
 
 from batches.files import FileStore
 from batches.worker import run_batch
-from gateway.testing import FakeWorker, gateway_client, running_worker, tiny_model_info
 from shared.keys import LANES, Keys
 from shared.settings import Settings
+from tests.support.gateway import gateway_client
+from tests.support.model import tiny_model_info
+from tests.support.worker import RunningWorker, running_worker
 
 pytestmark = pytest.mark.integration
 
@@ -41,9 +43,9 @@ async def app_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClien
 
 
 @pytest.fixture
-async def worker(redis: aioredis.Redis) -> AsyncIterator[FakeWorker]:
-    async with running_worker(FakeWorker(redis, KEYS, tiny_model_info())) as fake:
-        yield fake
+async def worker(settings: Settings) -> AsyncIterator[RunningWorker]:
+    async with running_worker(settings, tiny_model_info()) as handle:
+        yield handle
 
 
 def line(custom_id: str, body: dict[str, Any] | None = None,
@@ -116,7 +118,7 @@ async def test_upload_refusals_leave_nothing(app_client: Any, redis: aioredis.Re
     assert await redis.keys(f"{PREFIX}:file:*") == []
 
 
-async def test_batch_create_refusals(app_client: Any, worker: FakeWorker) -> None:
+async def test_batch_create_refusals(app_client: Any, worker: RunningWorker) -> None:
     client, _ = app_client
     file_id = (await upload(client, line("a") + "\n")).json()["id"]
     window = await create(client, file_id, completion_window="1h")
@@ -159,7 +161,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(("case", "text", "line_no", "code", "message"), BAD_INPUTS,
                          ids=[case[0] for case in BAD_INPUTS])
 async def test_bad_input_fails_the_batch_before_anything_runs(
-        app_client: Any, worker: FakeWorker, redis: aioredis.Redis, case: str, text: str,
+        app_client: Any, worker: RunningWorker, redis: aioredis.Redis, case: str, text: str,
         line_no: int, code: str, message: str) -> None:
     client, app = app_client
     file_id = (await upload(client, text)).json()["id"]
@@ -179,7 +181,7 @@ async def test_bad_input_fails_the_batch_before_anything_runs(
 
 
 async def test_small_batch_runs_and_owners_see_only_theirs(app_client: Any,
-                                                            worker: FakeWorker) -> None:
+                                                            worker: RunningWorker) -> None:
     client, app = app_client
     text = "".join(line(f"id-{i}") + "\n" for i in range(5))
     file_id = (await upload(client, text)).json()["id"]
