@@ -17,7 +17,7 @@ from gateway.errors import install_exception_handlers
 from gateway.events import Dispatcher
 from gateway.jobs import JobStore
 from gateway.middleware import BodyLimitMiddleware
-from gateway.routers import chat, completions, health, jobs, models
+from gateway.routers import batches, chat, completions, files, health, jobs, models
 from gateway.state import GatewayState
 from shared.apikeys import count_keys
 from shared.keys import Keys
@@ -52,9 +52,10 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       streamed_paths=frozenset({files.UPLOAD_PATH}))
     install_exception_handlers(app)
-    for module in (chat, completions, jobs, models, health):
+    for module in (chat, completions, jobs, models, health, files, batches):
         app.include_router(module.router)
     return app
 

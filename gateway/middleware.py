@@ -3,6 +3,8 @@
 The body is read here, up to ``max_body_bytes``, and handed on in one message; a body over
 the limit (by ``Content-Length`` or by counting) is answered with 413 without being read
 further. A body without a ``Content-Type`` is treated as JSON, as the API only takes JSON.
+Requests to ``streamed_paths`` (file uploads) pass untouched: their route reads the body as
+a stream and enforces its own, larger limit.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int,
+                 streamed_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.streamed_paths = streamed_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
+        if (scope["type"] != "http" or scope["method"] not in _BODY_METHODS
+                or scope["path"] in self.streamed_paths):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

@@ -89,3 +89,54 @@ class Keys:
     def rate_limit(self, key_id: str, kind: str, window: int) -> str:
         """Counter for one key, one kind (requests/tokens), one minute window."""
         return f"{self.prefix}:rl:{key_id}:{kind}:{window}"
+
+    # --- batches (files, batches, the arq orchestrator) ----------------------------------
+    def file(self, file_id: str) -> str:
+        """Hash: an uploaded or generated file's metadata (owner, filename, bytes, purpose)."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        """String: a file's bytes (read in slices with GETRANGE, never whole)."""
+        return f"{self.prefix}:file:{file_id}:content"
+
+    def file_upload(self, file_id: str) -> str:
+        """String: a file's bytes while they arrive; renamed to ``file_content`` when whole."""
+        return f"{self.prefix}:file:{file_id}:upload"
+
+    def owner_files(self, owner: str) -> str:
+        """Sorted set: file id -> created_at, one per API key (``owner`` "" when auth is off)."""
+        return f"{self.prefix}:files:by-owner:{owner}"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash: a batch's status, counts, timestamps, file ids and feeding cursor."""
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def owner_batches(self, owner: str) -> str:
+        """Sorted set: batch id -> created_at, one per API key."""
+        return f"{self.prefix}:batches:by-owner:{owner}"
+
+    @property
+    def active_batches(self) -> str:
+        """Sorted set: batch id -> expires_at, for batches not yet in a final status."""
+        return f"{self.prefix}:batches:active"
+
+    def batch_inflight(self, batch_id: str) -> str:
+        """Hash: custom_id -> "job_id offset" of each line submitted and not yet recorded."""
+        return f"{self.prefix}:batch:{batch_id}:inflight"
+
+    def batch_results(self, batch_id: str) -> str:
+        """Hash: custom_id -> the line's output (JSON), written once when the line finishes."""
+        return f"{self.prefix}:batch:{batch_id}:results"
+
+    def batch_seen(self, batch_id: str) -> str:
+        """Set: custom_ids read while validating (duplicate detection off the heap)."""
+        return f"{self.prefix}:batch:{batch_id}:seen"
+
+    def batch_lease(self, batch_id: str) -> str:
+        """String: the token of the orchestrator slice that owns the batch, with a short TTL."""
+        return f"{self.prefix}:batch:{batch_id}:lease"
+
+    @property
+    def arq_queue(self) -> str:
+        """arq's queue (sorted set) of orchestration jobs; arq names its own keys under it."""
+        return f"{self.prefix}:arq:queue"

@@ -124,3 +124,27 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return Path(self.model).name if self.model else DEFAULT_MODEL
+
+
+    # --- Files and batches (batches/) ----------------------------------------------------
+    max_file_bytes: int = 104_857_600  # 100 MiB per uploaded file (OpenAI allows 200 MB)
+    max_batch_lines: int = 100_000  # requests per batch file (OpenAI: 50,000)
+    file_ttl_s: int = 30 * 86_400  # uploaded and generated files expire after this
+    batch_ttl_s: int = 30 * 86_400  # a batch record is kept this long after it ends
+    batch_max_in_flight: int = 128  # requests of one batch queued or running at once
+    batch_poll_s: float = 0.05  # how often the orchestrator reads its in-flight jobs
+    batch_slice_s: float = 10.0  # an arq job drives its batch this long, then re-queues
+    batch_lease_s: float = 3.0  # a killed orchestrator's batch is resumed after about this
+    batch_max_errors: int = 100  # validation errors listed per batch (the rest are counted)
+    batch_orchestrator_jobs: int = 16  # batches one orchestrator process drives at once
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> Settings:
+        for name in ("max_file_bytes", "max_batch_lines", "batch_max_in_flight",
+                     "batch_max_errors", "batch_orchestrator_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 1")
+        if self.batch_lease_s < 1 or self.batch_slice_s < 1 or self.batch_poll_s <= 0:
+            raise ValueError("TOKENFLEET_BATCH_LEASE_S and TOKENFLEET_BATCH_SLICE_S must be "
+                             ">= 1 and TOKENFLEET_BATCH_POLL_S > 0")
+        return self
