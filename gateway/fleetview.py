@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from batches.store import batch_view
 from shared.keys import LANES, Keys
 from shared.queue_depth import NUM_COMMANDS_PER_LANE, LaneDepth, parse_depths, queue_commands
 from shared.telemetry import (
@@ -31,6 +32,7 @@ from shared.telemetry import (
 
 SUMMARY_S = 60  # the dashboard's headline rates and TTFT cover the last minute
 
+MAX_BATCHES = 20  # active batches shown (oldest expiry first)
 PER_MODEL_COMMANDS = NUM_COMMANDS_PER_LANE * len(LANES) + 1  # lanes, then the dead letters
 
 
@@ -74,10 +76,23 @@ class ModelView:
 
 
 @dataclass(slots=True)
+class BatchProgress:
+    """A batch not yet in a final status, with its line counts."""
+
+    id: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    created_at: int | None
+
+
+@dataclass(slots=True)
 class FleetView:
     taken_at: float
     workers: list[WorkerView]
     models: list[ModelView]
+    batches: list[BatchProgress] = field(default_factory=list)
     history: list[BucketCounts] = field(default_factory=list)
     recent_jobs: list[JobSummary] = field(default_factory=list)
 
@@ -95,6 +110,7 @@ class FleetView:
                        "points": [bucket.point() for bucket in self.history]},
             "summary": self.summary(),
             "recent_jobs": [asdict(job) for job in self.recent_jobs],
+            "batches": [asdict(batch) for batch in self.batches],
         }
 
     def summary(self) -> dict[str, Any]:
@@ -131,13 +147,17 @@ async def read_fleet(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, 
         pipe.zrangebyscore(keys.workers, now - heartbeat_ttl_s, "+inf", withscores=True)
         pipe.smembers(keys.models)
         pipe.hgetall(keys.fleet_scaler)
-        rows, known, scaler = await pipe.execute()
+        pipe.zrange(keys.active_batches, 0, MAX_BATCHES - 1)
+        rows, known, scaler, batch_ids = await pipe.execute()
     ids = [worker_id.decode() for worker_id, _ in rows]
     buckets = window_buckets(now) if with_history else []
     async with redis.pipeline(transaction=False) as pipe:
         for worker_id in ids:
             pipe.hgetall(keys.worker(worker_id))
-        hashes = await pipe.execute() if ids else []
+        for batch_id in batch_ids:
+            pipe.hgetall(keys.batch(batch_id.decode()))
+        replies = await pipe.execute() if ids or batch_ids else []
+    hashes, batch_hashes = replies[:len(ids)], replies[len(ids):]
     workers = [_worker(worker_id, seen, fields) for (worker_id, seen), fields
                in zip(rows, hashes, strict=True) if fields.get(b"model")]
     names = sorted({m.decode() for m in known} | {w.model for w in workers})
@@ -154,7 +174,8 @@ async def read_fleet(redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, 
         dead = chunk[-1] if isinstance(chunk[-1], int) else 0
         models.append(ModelView(name, parse_depths(name, chunk[:-1]), dead,
                                 _scaler_of(scaler, name)))
-    view = FleetView(taken_at=now, workers=workers, models=models)
+    batches = [_batch(fields) for fields in batch_hashes if fields]
+    view = FleetView(taken_at=now, workers=workers, models=models, batches=batches)
     if with_history:
         view.history, view.recent_jobs = parse_window(
             buckets, replies[len(names) * PER_MODEL_COMMANDS:])
@@ -179,6 +200,14 @@ def _worker(worker_id: bytes, seen: float, fields: dict[bytes, bytes]) -> Worker
         kv_tokens_budget=int(number("kv_tokens_budget")), started_at=number("started_at"),
         last_seen=float(seen),
     )
+
+
+def _batch(fields: dict[bytes, bytes]) -> BatchProgress:
+    view = batch_view(fields)
+    counts = view["request_counts"]
+    return BatchProgress(id=view["id"] or "", status=view["status"] or "unknown",
+                         total=counts["total"], completed=counts["completed"],
+                         failed=counts["failed"], created_at=view["created_at"])
 
 
 def _scaler_of(scaler: dict[bytes, bytes], model: str) -> dict[str, Any] | None:

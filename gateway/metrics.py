@@ -29,11 +29,11 @@ UNMATCHED_ROUTE = "unmatched"  # one label for every unknown path: bounded cardi
 
 
 class GatewayMetrics:
-    def __init__(self, gateway_id: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        Gauge(f"{PREFIX}gateway_info", "Always 1; labels say which gateway this is",
-              ["gateway_id"], registry=r).labels(gateway_id).set(1)
+        self.info = Gauge(f"{PREFIX}gateway_info", "Always 1; labels say which gateway this is",
+                          ["gateway_id"], registry=r)
         self.submitted = Counter(f"{PREFIX}gateway_requests",
                                  "Generation requests queued by this gateway",
                                  ["model_name", "kind", "lane"], registry=r)
@@ -50,6 +50,9 @@ class GatewayMetrics:
                                        buckets=REQUEST_LATENCY_BUCKETS_S, registry=r)
         for cause in THROTTLE_CAUSES:
             self.throttled.labels(cause)
+
+    def describe(self, gateway_id: str) -> None:
+        self.info.labels(gateway_id).set(1)
 
     def on_submitted(self, model: str, kind: str, lane: str) -> None:
         self.submitted.labels(model, kind, lane).inc()
@@ -108,7 +111,21 @@ class FleetCollector(Collector):
             waiting.add_metric([model.name], sum(w.num_waiting for w in mine))
             if model.scaler and isinstance(model.scaler.get("desired"), int):
                 desired.add_metric([model.name], model.scaler["desired"])
-        yield from (lag, pending, depth, dead, workers, running, waiting, desired)
+        batches = GaugeMetricFamily(f"{PREFIX}batches_active",
+                                    "Batches not yet in a final status, by status",
+                                    labels=["status"])
+        lines = GaugeMetricFamily(f"{PREFIX}batch_lines",
+                                  "Lines of the active batches: total, completed, failed",
+                                  labels=["state"])
+        by_status: dict[str, int] = {}
+        for batch in self.fleet.batches:
+            by_status[batch.status] = by_status.get(batch.status, 0) + 1
+        for status, count in sorted(by_status.items()):
+            batches.add_metric([status], count)
+        for state in ("total", "completed", "failed"):
+            lines.add_metric([state], sum(getattr(b, state) for b in self.fleet.batches))
+        yield from (lag, pending, depth, dead, workers, running, waiting, desired, batches,
+                    lines)
 
 
 class HttpMetricsMiddleware:
