@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -86,6 +87,7 @@ class Intake:
         self.publisher = publisher
         self.jobs = jobs  # shared with the loop: the requests in the engine
         self.policy = policy
+        self.on_admitted: Callable[[GenerateRequest], None] | None = None  # metrics
 
     def admit(self, entries: list[StreamEntry]) -> int:
         """Hand the servable entries to the engine; returns how many were admitted.
@@ -151,6 +153,8 @@ class Intake:
             return 0
         self.jobs[request.id] = job
         self.publisher.start(job, is_restart=entry.is_reclaimed)
+        if self.on_admitted is not None:
+            self.on_admitted(request)
         return 1
 
     def _give_up(self, entry: StreamEntry, job: InFlight) -> None:

@@ -20,8 +20,11 @@ from shared.redis_conn import sync_client
 from shared.settings import Settings
 from worker.engine.types import Engine
 from worker.heartbeat import Heartbeat, WorkerStatus
+from worker.http_server import WorkerHttpServer
+from worker.metrics import WorkerMetrics
 from worker.null_engine import NullEngine, null_model_info
 from worker.service import ShutdownSignal, WorkerService
+from worker.telemetry import TelemetryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +60,47 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     shutdown.install()
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
                           quantization=settings.quantization, dtype=settings.dtype)
+    metrics = WorkerMetrics(settings.model_name, status.worker_id)
+    http = start_http_server(settings, metrics, status)  # probes answer while it loads
     heartbeat = start_heartbeat(settings, status)  # "starting" while the model loads
+    telemetry = TelemetryWriter(sync_client(settings), Keys(settings.key_prefix), metrics,
+                                status)
+    telemetry.start()
     try:
         try:
             engine, model_info = build(settings)
         except ModelLoadError as exc:
             logger.error("could not load the model: %s", exc)
             return 1
-        return serve(settings, engine, model_info, status=status, shutdown=shutdown)
+        metrics.describe(model_info.dtype, model_info.quantization)
+        return serve(settings, engine, model_info, status=status, shutdown=shutdown,
+                     metrics=metrics)
     finally:
+        telemetry.stop()
         heartbeat.stop()
+        if http is not None:
+            http.stop()
+
+
+def start_http_server(settings: Settings, metrics: WorkerMetrics,
+                      status: WorkerStatus) -> WorkerHttpServer | None:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``TOKENFLEET_METRICS_PORT`` (0: none)."""
+    if not settings.metrics_port:
+        return None
+    server = WorkerHttpServer(metrics.registry, status)
+    port = server.start(settings.metrics_port)
+    logger.info("metrics on http://0.0.0.0:%d/metrics", port)
+    return server
 
 
 def serve(settings: Settings, engine: Engine, model_info: ModelInfo, *, status: WorkerStatus,
-          shutdown: ShutdownSignal) -> int:
+          shutdown: ShutdownSignal, metrics: WorkerMetrics | None = None) -> int:
     """Run the queue loop around a built engine."""
     status.model = model_info.name
     status.quantization = model_info.quantization
     status.dtype = model_info.dtype
-    service = WorkerService(settings, engine, model_info, status=status, shutdown=shutdown)
+    service = WorkerService(settings, engine, model_info, status=status, shutdown=shutdown,
+                            metrics=metrics)
     try:
         return service.run()
     except Exception:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.protocol import GenerateRequest
 from shared.telemetry import (
     ITL_BUCKETS_S,
     REQUEST_LATENCY_BUCKETS_S,
@@ -123,9 +124,11 @@ class WorkerMetrics:
     def describe(self, dtype: str, quantization: str) -> None:
         self.info.labels(self.model, self.worker_id, dtype or "none", quantization).set(1)
 
-    def on_state(self, state: str, states: Iterable[str]) -> None:
+    def watch_state(self, state_of: Callable[[], str], states: Iterable[str]) -> None:
+        """The state gauge reads ``state_of()`` at each scrape (1 for the current state)."""
         for name in states:
-            self.state.labels(self.model, name).set(1 if name == state else 0)
+            self.state.labels(self.model, name).set_function(
+                lambda name=name: 1.0 if state_of() == name else 0.0)
 
     def on_startup_stage(self, stage: str, seconds: float) -> None:
         self.startup.labels(self.model, stage).set(seconds)
@@ -141,6 +144,10 @@ class WorkerMetrics:
             self.queue_time.labels(self.model).observe(max(0.0, now - created_at))
         with self._lock:
             self._sample.prompt_tokens += num_prompt_tokens
+
+    def on_admitted_request(self, request: GenerateRequest) -> None:
+        self.on_admitted(request.id, created_at=request.created_at, lane=request.lane,
+                         num_prompt_tokens=len(request.prompt_token_ids))
 
     def on_step(self, outputs: list[RequestOutput], stats: EngineStats,
                 duration_s: float) -> None:

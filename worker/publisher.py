@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import redis
@@ -40,6 +40,15 @@ JOB_STATUS_BY_FINISH = {
 }
 
 JobFields = dict[str, str | int | float]
+
+
+class PublishObserver(Protocol):
+    """Told of every request this worker ends and every entry it dead-letters."""
+
+    def on_finished(self, request_id: str, finish_reason: str, *, num_output_tokens: int,
+                    num_prompt_tokens: int) -> None: ...
+
+    def on_dead_lettered(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -112,6 +121,7 @@ class Publisher:
         self.dead_letter_stream = keys.dead_letter_stream(model)
         self.outbox = Outbox()
         self._append: Any = None  # the APPEND_ONCE script, registered on the first flush
+        self.observer: PublishObserver | None = None  # metrics: every finish, dead letter
 
     # --- queueing writes ----------------------------------------------------------------
 
@@ -159,6 +169,9 @@ class Publisher:
         if error is not None:
             fields["error"] = error
         self.outbox.finishes.append((job.id, fields))
+        if self.observer is not None:
+            self.observer.on_finished(job.id, finish_reason, num_output_tokens=num_output_tokens,
+                                      num_prompt_tokens=prompt_tokens)
         if ack:
             self.outbox.acks.append((job.stream, job.entry_id))
 
@@ -169,6 +182,8 @@ class Publisher:
                  b"source_id": entry_id}
         self.outbox.dead_letters.append(DeadLetter({**fields, **extra}))
         self.outbox.acks.append((stream, entry_id))
+        if self.observer is not None:
+            self.observer.on_dead_lettered()
 
     def ack(self, stream: str, entry_id: bytes) -> None:
         self.outbox.acks.append((stream, entry_id))

@@ -1,7 +1,8 @@
 """A daemon thread that writes the worker's telemetry sample to Redis every two seconds
 (``shared.telemetry``: the dashboard's charts and recent jobs) and keeps the state gauge in
 step with the worker's status. Its own Redis connection; a failed write is logged once and
-dropped (telemetry is not worth a retry queue)."""
+dropped (telemetry is not worth a retry queue). It also points the state gauge at the
+worker's status."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class TelemetryWriter:
         self._stop = threading.Event()
         self._is_failing = False
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        metrics.watch_state(lambda: status.state, STATES)
 
     def start(self) -> None:
         self._thread.start()
@@ -45,7 +47,6 @@ class TelemetryWriter:
         self.client.close()
 
     def flush(self) -> None:
-        self.metrics.on_state(self.status.state, STATES)
         sample = self.metrics.take_sample()
         if sample.is_empty:
             return
