@@ -188,8 +188,8 @@ function renderCharts(points) {
   const specs = {
     tokens: [{ label: "generated", stroke: "#2f6fde", width: 2 },
              { label: "prompt", stroke: "#9aa5b8", width: 1 }],
-    ttft: [{ label: "p50", stroke: "#1f9d55", width: 2, spanGaps: false },
-           { label: "p99", stroke: "#c0392b", width: 1, spanGaps: false }],
+    ttft: [{ label: "p50", stroke: "#1f9d55", width: 2, points: { show: true, size: 5 } },
+           { label: "p99", stroke: "#c0392b", width: 1, points: { show: true, size: 5 } }],
   };
   for (const name of ["tokens", "ttft"]) {
     const el = $(`chart-${name}`);
