@@ -24,6 +24,7 @@ from worker.http_server import WorkerHttpServer
 from worker.metrics import WorkerMetrics
 from worker.null_engine import NullEngine, null_model_info
 from worker.service import ShutdownSignal, WorkerService
+from worker.startup import StartupClock
 from worker.telemetry import TelemetryWriter
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,17 @@ def make_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
+def build_engine(settings: Settings,
+                 clock: StartupClock | None = None) -> tuple[Engine, ModelInfo]:
     if settings.engine == "null":
-        engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens)
+        engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens,
+                            step_delay_s=settings.null_engine_step_ms / 1000)
         return engine, null_model_info(settings.model_name)
     from worker.engine.factory import build_engine as build_hf_engine  # torch: only here
 
-    return build_hf_engine(settings)
+    if clock is not None:
+        clock.mark("torch_import")
+    return build_hf_engine(settings, on_stage=clock.mark if clock is not None else None)
 
 
 def start_heartbeat(settings: Settings, status: WorkerStatus) -> Heartbeat:
@@ -61,6 +66,8 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
                           quantization=settings.quantization, dtype=settings.dtype)
     metrics = WorkerMetrics(settings.model_name, status.worker_id)
+    metrics.startup = StartupClock(metrics.on_startup_stage)
+    metrics.startup.mark("imports")
     http = start_http_server(settings, metrics, status)  # probes answer while it loads
     heartbeat = start_heartbeat(settings, status)  # "starting" while the model loads
     telemetry = TelemetryWriter(sync_client(settings), Keys(settings.key_prefix), metrics,
@@ -68,7 +75,8 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     telemetry.start()
     try:
         try:
-            engine, model_info = build(settings)
+            engine, model_info = (build_engine(settings, metrics.startup)
+                                  if build is build_engine else build(settings))
         except ModelLoadError as exc:
             logger.error("could not load the model: %s", exc)
             return 1

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from shared.protocol import GenerateRequest
 from shared.telemetry import (
@@ -29,6 +29,7 @@ from shared.telemetry import (
     Sample,
 )
 from worker.engine.types import EngineStats, RequestOutput
+from worker.startup import STAGES, StartupClock
 
 PREFIX = "tokenfleet:"
 TOKEN_COUNT_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -55,15 +56,17 @@ class WorkerMetrics:
         self._timers: dict[str, _Timer] = {}
         self._sample = Sample()
         self._lock = threading.Lock()
+        self.startup: StartupClock | None = None  # the worker's cold-start clock, if any
         self._define(self.registry)
 
     def _define(self, r: CollectorRegistry) -> None:
         m = ["model_name"]
+        ProcessCollector(registry=r)  # process_start_time_seconds, CPU, memory
         self.info = Gauge(f"{PREFIX}worker_info", "Always 1; labels say what this worker runs",
                           ["model_name", "worker_id", "dtype", "quantization"], registry=r)
         self.state = Gauge(f"{PREFIX}worker_state", "1 for the worker's current state",
                            ["model_name", "state"], registry=r)
-        self.startup = Gauge(f"{PREFIX}worker_startup_seconds",
+        self.startup_seconds = Gauge(f"{PREFIX}worker_startup_seconds",
                              "Seconds each start-up stage took", ["model_name", "stage"],
                              registry=r)
         self.running = Gauge(f"{PREFIX}num_requests_running", "Requests in the running batch",
@@ -131,7 +134,12 @@ class WorkerMetrics:
                 lambda name=name: 1.0 if state_of() == name else 0.0)
 
     def on_startup_stage(self, stage: str, seconds: float) -> None:
-        self.startup.labels(self.model, stage).set(seconds)
+        self.startup_seconds.labels(self.model, stage).set(seconds)
+
+    def on_serving(self) -> None:
+        """The loop is set up and reads the queue: the cold start's last stage."""
+        if self.startup is not None and STAGES[-1] not in self.startup.stages:
+            self.startup.mark(STAGES[-1])
 
     def on_admitted(self, request_id: str, *, created_at: float, lane: str,
                     num_prompt_tokens: int) -> None:

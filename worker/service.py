@@ -176,6 +176,7 @@ class WorkerService:
         if not self.shutdown.is_requested:
             self.status.state = STATE_READY
         self._needs_setup = False
+        self.metrics.on_serving()
         logger.info("serving %s on %s as consumer %s", self.model_info.name,
                     ", ".join(self.reader.streams), self.status.worker_id)
 

@@ -98,7 +98,7 @@ def test_dashboard_shows_the_live_fleet_and_follows_requests(
              timeout_s=20, interval_s=0.2)  # once the 5 s bucket is complete
     job_row = browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr").text
     assert "length" in job_row and MODEL in job_row
-    assert text_of(browser, "stat-ttft") != "–"
+    assert text_of(browser, "stat-ttft") != "\u2013"  # the dash shown before any data
     assert "error" not in browser.find_element(By.ID, "status-line").get_attribute("class")
 
     screenshot = os.environ.get("TOKENFLEET_DASHBOARD_SCREENSHOT")
