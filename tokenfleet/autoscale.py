@@ -241,3 +241,21 @@ class Autoscaler:
             pipe.execute()
         except redis.RedisError as exc:
             logger.debug("could not publish the scaling decision: %s", exc)
+
+
+def run(scaler: Autoscaler, should_stop: Callable[[], bool], tick_s: float = TICK_S) -> None:
+    """Tick until ``should_stop()``; a Redis outage skips ticks (one log line) and changes
+    nothing: workers keep running and the next good tick decides again."""
+    failing = False
+    while not should_stop():
+        try:
+            scaler.tick()
+            if failing:
+                logger.info("autoscaler: Redis answers again")
+            failing = False
+        except redis.RedisError as exc:
+            if not failing:
+                logger.warning("autoscaler: cannot read Redis (%s); holding the fleet as is",
+                               exc)
+            failing = True
+        time.sleep(tick_s)
