@@ -47,7 +47,7 @@ def scrape_startup(port: int) -> dict[str, float]:
         for sample in family.samples:
             if sample.name == "tokenfleet:worker_startup_seconds":
                 found[sample.labels["stage"]] = sample.value
-            elif sample.name == "process_start_time_seconds":
+            elif sample.name == "tokenfleet:worker_start_time_seconds":
                 found["process_start_time"] = sample.value
     return found
 

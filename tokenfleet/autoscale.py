@@ -150,9 +150,10 @@ class Autoscaler:
     def stop(self, timeout_s: float) -> None:
         """SIGTERM every worker (they drain), wait up to ``timeout_s``, then SIGKILL."""
         procs = [w.proc for w in self.workers]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
+        for worker in self.workers:
+            if worker.proc.poll() is None:
+                worker.proc.terminate()
+                worker.drain_sent_at = time.time()
         deadline = time.monotonic() + timeout_s
         for proc in procs:
             try:

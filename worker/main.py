@@ -66,8 +66,7 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
                           quantization=settings.quantization, dtype=settings.dtype)
     metrics = WorkerMetrics(settings.model_name, status.worker_id)
-    metrics.startup = StartupClock(metrics.on_startup_stage)
-    metrics.startup.mark("imports")
+    clock = metrics.start_clock()
     http = start_http_server(settings, metrics, status)  # probes answer while it loads
     heartbeat = start_heartbeat(settings, status)  # "starting" while the model loads
     telemetry = TelemetryWriter(sync_client(settings), Keys(settings.key_prefix), metrics,
@@ -75,7 +74,7 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     telemetry.start()
     try:
         try:
-            engine, model_info = (build_engine(settings, metrics.startup)
+            engine, model_info = (build_engine(settings, clock)
                                   if build is build_engine else build(settings))
         except ModelLoadError as exc:
             logger.error("could not load the model: %s", exc)

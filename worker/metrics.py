@@ -66,6 +66,8 @@ class WorkerMetrics:
                           ["model_name", "worker_id", "dtype", "quantization"], registry=r)
         self.state = Gauge(f"{PREFIX}worker_state", "1 for the worker's current state",
                            ["model_name", "state"], registry=r)
+        self.start_time = Gauge(f"{PREFIX}worker_start_time_seconds",
+                                "Unix time the worker process started (10 ms)", m, registry=r)
         self.startup_seconds = Gauge(f"{PREFIX}worker_startup_seconds",
                              "Seconds each start-up stage took", ["model_name", "stage"],
                              registry=r)
@@ -135,6 +137,13 @@ class WorkerMetrics:
 
     def on_startup_stage(self, stage: str, seconds: float) -> None:
         self.startup_seconds.labels(self.model, stage).set(seconds)
+
+    def start_clock(self) -> StartupClock:
+        """The cold-start clock, from the process's start; its first mark is ``imports``."""
+        self.startup = StartupClock(self.on_startup_stage)
+        self.start_time.labels(self.model).set(self.startup.started_at)
+        self.startup.mark(STAGES[0])
+        return self.startup
 
     def on_serving(self) -> None:
         """The loop is set up and reads the queue: the cold start's last stage."""

@@ -22,15 +22,15 @@ STAGES = ("imports", "torch_import", "weights", "warmup", "serving")
 
 
 def process_started_at() -> float | None:
-    """Unix time this process started (Linux: ``/proc/self/stat`` field 22 + boot time)."""
+    """Unix time this process started: ``/proc/self/stat`` field 22 (clock ticks after
+    boot) against ``/proc/uptime`` now (both 10 ms; ``btime`` is whole seconds)."""
     try:
         stat = Path("/proc/self/stat").read_text()
-        boot = next(line for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, StopIteration):
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
     ticks = int(stat[stat.rindex(")") + 2:].split()[19])
-    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - (uptime_s - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class StartupClock:
