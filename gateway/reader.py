@@ -10,7 +10,8 @@ read from the list by index (the worker stores events before it publishes them, 
 same transaction). If nothing arrives for ``IDLE_CHECK_S`` the job hash is checked: when
 the job is over (a lost last message, a cancel while queued) the reader switches to the
 replay path; when it is still queued past its deadline (plus ``QUEUE_TIMEOUT_GRACE_S``, for
-a worker to report it first), the gateway fails it as timed out in the queue.
+a worker to report it first: no worker read it), the reader cancels it and ends with a
+queue-timeout error event.
 
 Replay: ``LRANGE`` the event list from the next ``seq``, every ``POLL_MIN_S`` to
 ``POLL_MAX_S``, until a terminal event or a terminal job status. A finished job whose event
@@ -51,11 +52,15 @@ QUEUE_TIMEOUT_GRACE_S = 5.0  # past a queued request's deadline, let a worker re
 QUEUE_TIMEOUT_REASON = "timeout"  # the finish_reason of a request that timed out in the queue
 TIMED_OUT_IN_QUEUE = "timed out in queue"  # the error the worker writes too (worker.intake)
 
-# Fail a job that is still queued as timed out (the worker that reads it later finds its
-# deadline passed and writes the same). KEYS: job hash. ARGV: now.
+# Give up on a request still queued past its deadline: cancel it (a worker that reads it,
+# or took it a moment ago, drops it), so it never runs after the client was told it timed
+# out. KEYS: job hash, cancel flag. ARGV: now.
 _EXPIRE_QUEUED_LUA = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1],
+local ttl = redis.call('TTL', KEYS[1])
+if ttl < 1 then ttl = 86400 end
+redis.call('SET', KEYS[2], '1', 'EX', ttl)
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
            'finish_reason', 'timeout', 'error', 'timed out in queue')
 return 1
 """
@@ -102,8 +107,13 @@ async def _live(redis: aioredis.Redis, keys: Keys, job_id: str, mailbox: Mailbox
     while True:
         event = await mailbox.get(IDLE_CHECK_S)
         if event is None:
-            if await _is_over(redis, keys, job_id, deadline):
+            status = await _status(redis, keys, job_id)
+            if status is None or status in TERMINAL_STATUSES:
                 return  # finished (or expired) without us hearing it: read it back
+            if status == STATUS_QUEUED and await _expire_if_late(redis, keys, job_id, deadline):
+                yield TokenEvent(id=job_id, seq=cursor.last_seq + 1, type=EVENT_ERROR,
+                                 finish_reason=QUEUE_TIMEOUT_REASON, error=TIMED_OUT_IN_QUEUE)
+                return
             continue
         if event.seq > cursor.last_seq + 1:
             async for missed in _fill_gap(redis, keys, job_id, cursor, event.seq):
@@ -127,20 +137,21 @@ async def _fill_gap(redis: aioredis.Redis, keys: Keys, job_id: str, cursor: _Cur
                        job_id, cursor.last_seq + 1, seq - 1)
 
 
-async def _is_over(redis: aioredis.Redis, keys: Keys, job_id: str,
-                   deadline: float | None) -> bool:
-    """True when the job is over (now or by expiring it here as timed out in the queue)."""
+async def _status(redis: aioredis.Redis, keys: Keys, job_id: str) -> str | None:
     raw = await redis.hget(keys.job(job_id), "status")
-    status = None if raw is None else raw.decode()
-    if status is None or status in TERMINAL_STATUSES:
-        return True
-    if status == STATUS_QUEUED and deadline is not None \
-            and time.time() > deadline + QUEUE_TIMEOUT_GRACE_S:
-        expire = redis.register_script(_EXPIRE_QUEUED_LUA)
-        if await expire(keys=[keys.job(job_id)], args=[repr(time.time())]):
-            logger.info("job %s: still queued past its deadline; failed as timed out", job_id)
-            return True
-    return False
+    return None if raw is None else raw.decode()
+
+
+async def _expire_if_late(redis: aioredis.Redis, keys: Keys, job_id: str,
+                          deadline: float | None) -> bool:
+    """True when the job was still queued past ``deadline`` + grace and is now cancelled."""
+    if deadline is None or time.time() <= deadline + QUEUE_TIMEOUT_GRACE_S:
+        return False
+    expire = redis.register_script(_EXPIRE_QUEUED_LUA)
+    if not await expire(keys=[keys.job(job_id), keys.cancel(job_id)], args=[repr(time.time())]):
+        return False  # a worker took it meanwhile
+    logger.info("job %s: still queued past its deadline; cancelled as timed out", job_id)
+    return True
 
 
 async def _replay(redis: aioredis.Redis, keys: Keys, job_id: str,
