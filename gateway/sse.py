@@ -96,8 +96,11 @@ async def with_keepalive(events: AsyncIterator[TokenEvent],
     it is cancelled only when the consumer stops early.
     """
     if interval_s is None:
-        async for event in events:
-            yield event
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await _close(events)
         return
     pending: asyncio.Task[TokenEvent] | None = None
     try:
@@ -120,10 +123,15 @@ async def with_keepalive(events: AsyncIterator[TokenEvent],
             if not pending.cancelled():
                 with contextlib.suppress(BaseException):
                     pending.result()
-        closing = getattr(events, "aclose", None)
-        if closing is not None:
-            with contextlib.suppress(Exception):
-                await closing()
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[TokenEvent]) -> None:
+    """Close an async generator now (its ``finally`` runs here, not at garbage collection)."""
+    closing = getattr(events, "aclose", None)
+    if closing is not None:
+        with contextlib.suppress(Exception):
+            await closing()
 
 
 async def _next(events: AsyncIterator[TokenEvent]) -> TokenEvent:
@@ -179,11 +187,12 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
     ``StreamCloser`` to the response too, so it also runs if the body never starts.
     """
     finished = False
+    ticks = with_keepalive(events, keepalive_s)
     try:
         role = fmt.role_chunk()
         if role is not None and not is_resumed:
             yield sse_data(role)
-        async for event in with_keepalive(events, keepalive_s):
+        async for event in ticks:
             if event is None:
                 yield KEEPALIVE
                 continue
@@ -208,3 +217,4 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
         finished = True
     finally:
         on_close(finished)
+        await ticks.aclose()  # stops a pending read now, not at garbage collection

@@ -156,3 +156,26 @@ def test_catch_up_from_the_text_of_a_compacted_job() -> None:
     unknown = _Cursor(5, None)
     assert [e.type for e in _text_catch_up("j", unknown, "abc")] == [EVENT_RESTART, EVENT_TOKEN]
     assert _text_catch_up("j", _Cursor(-1, []), "") == []
+
+
+@pytest.mark.parametrize("keepalive_s", [None, 0.01])
+async def test_closing_a_stream_stops_its_pending_read_at_once(keepalive_s: float | None) -> None:
+    is_closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[TokenEvent]:
+        try:
+            yield TokenEvent("r", 0, EVENT_TOKEN, text="a")
+            await asyncio.Event().wait()
+            yield TokenEvent("r", 1, EVENT_TOKEN, text="never")
+        finally:
+            is_closed.set()
+
+    fmt = OpenAIFormat(kind="completion", id="r", model="m", created=1)
+    closed: list[bool] = []
+    stream = openai_stream(endless(), fmt, request_id="r", prompt_tokens=1,
+                           on_close=closed.append, keepalive_s=keepalive_s)
+    assert b'"a"' in await stream.__anext__()
+    if keepalive_s is not None:
+        assert await stream.__anext__() == KEEPALIVE  # a read of the next event is pending
+    await stream.aclose()
+    assert is_closed.is_set() and closed == [False]
