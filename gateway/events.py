@@ -3,7 +3,9 @@
 Workers publish ``pack_events([...])`` batches on ``Keys.gateway_channel(gateway_id)``. The
 dispatcher decodes each batch and puts every event into the ``Mailbox`` registered for its
 request id. Mailboxes are registered before the request is enqueued, so no event is missed;
-events for unknown ids (finished or abandoned requests) are dropped.
+events for unknown ids (finished or abandoned requests) are dropped. Pub/sub may lose
+batches (a reconnect, a slow subscriber cut off by Redis): ``gateway.reader`` notices the
+gap in ``seq`` and reads the missing events from the job's event list.
 """
 
 from __future__ import annotations
@@ -74,7 +76,6 @@ class Dispatcher:
         self._mailboxes: dict[str, Mailbox] = {}
         self._task: asyncio.Task[None] | None = None
         self._is_closing = False
-        self.num_dropped = 0  # malformed batches
 
     async def start(self) -> None:
         """Subscribe (before the gateway serves anything) and start routing.
@@ -103,10 +104,6 @@ class Dispatcher:
 
     def unregister(self, request_id: str) -> None:
         self._mailboxes.pop(request_id, None)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._mailboxes)
 
     async def _run(self) -> None:
         failures = 0
@@ -140,7 +137,6 @@ class Dispatcher:
         try:
             events = unpack_events(data)
         except ProtocolError as exc:
-            self.num_dropped += 1
             logger.warning("dropped a malformed event batch on %s: %s", self.channel, exc)
             return
         mailboxes = self._mailboxes

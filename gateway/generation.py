@@ -1,4 +1,10 @@
-"""Run a submitted request to the client: stream its events, or wait for the whole answer."""
+"""Run a submitted request to the client: stream its events, or wait for the whole answer.
+
+Neither path has a timer of its own: a request's ``timeout`` bounds its wait in the queue
+(the worker, or the reader past the deadline, fails it as ``queue_timeout``); once running,
+it runs to its end. A client that goes away (a closed stream, or a disconnect while a
+non-streaming request waits) cancels the request.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,19 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive
 
-from gateway.errors import GatewayTimeoutError, GenerationFailedError
+from gateway.errors import GenerationFailedError, QueueTimeoutError
 from gateway.openai_format import OpenAIFormat, Outcome
-from gateway.reader import job_events
+from gateway.reader import TIMED_OUT_IN_QUEUE, is_queue_timeout, job_events
 from gateway.sse import EventStreamResponse, StreamCloser, openai_stream
 from gateway.state import GatewayState
 from gateway.submit import Submission, enqueue
+from gateway.tasks import cancel_and_wait
 from shared.protocol import EVENT_DONE, EVENT_ERROR, EVENT_RESTART, EVENT_TOKEN, TokenEvent
 
-NON_STREAM_TIMEOUT_S = 600.0  # when TOKENFLEET_REQUEST_TIMEOUT_S is unset
-DEADLINE_GRACE_S = 5.0  # past the request's deadline, the worker reports it; wait a bit more
-
-
-def wait_timeout_s(gw: GatewayState) -> float:
-    timeout_s = gw.settings.request_timeout_s
-    return timeout_s + DEADLINE_GRACE_S if timeout_s else NON_STREAM_TIMEOUT_S
+CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it
+STOP_WAIT_TIMEOUT_S = 5.0
 
 
 async def collect(events: AsyncIterator[TokenEvent], prompt_tokens: int) -> Outcome:
@@ -38,12 +41,29 @@ async def collect(events: AsyncIterator[TokenEvent], prompt_tokens: int) -> Outc
                            prompt_tokens=event.prompt_tokens or prompt_tokens,
                            completion_tokens=event.completion_tokens)
         elif event.type == EVENT_ERROR:
-            raise GenerationFailedError(f"generation failed: {event.error or 'unknown error'}")
+            raise _failure(event)
     raise GenerationFailedError("the event stream ended without a result")
 
 
-async def respond(gw: GatewayState, submission: Submission) -> Response:
-    """Enqueue a live request and answer it (SSE when ``stream``, else one JSON body)."""
+def _failure(event: TokenEvent) -> Exception:
+    if is_queue_timeout(event):
+        return QueueTimeoutError(
+            f"request {event.id} {event.error or TIMED_OUT_IN_QUEUE}: it waited longer than "
+            "its timeout for a worker; retry later or with a longer timeout")
+    return GenerationFailedError(f"generation failed: {event.error or 'unknown error'}")
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (the request body has already been read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def respond(gw: GatewayState, submission: Submission, receive: Receive) -> Response:
+    """Enqueue a live request and answer it (SSE when ``stream``, else one JSON body).
+
+    ``receive``: the request's ASGI channel, watched for a disconnect while a
+    non-streaming request waits."""
     request = submission.request
     fmt = OpenAIFormat(kind=submission.kind, id=request.id, model=request.model,
                        created=int(request.created_at),
@@ -54,31 +74,49 @@ async def respond(gw: GatewayState, submission: Submission) -> Response:
     except BaseException:
         gw.dispatcher.unregister(request.id)
         raise
-    events = job_events(gw.redis, gw.keys, request.id, mailbox)
+    events = job_events(gw.redis, gw.keys, request.id, mailbox, deadline=request.deadline)
 
     if submission.stream:
         def on_close(finished: bool) -> None:
             gw.dispatcher.unregister(request.id)
             if not finished:  # the client went away: stop spending tokens on it
-                gw.spawn(gw.jobs.request_cancel(request.id, request.owner),
-                         name=f"cancel-{request.id}")
+                _cancel(gw, submission)
 
         closer = StreamCloser(on_close)
         body = openai_stream(events, fmt, request_id=request.id,
-                             prompt_tokens=submission.num_prompt_tokens, on_close=closer)
+                             prompt_tokens=submission.num_prompt_tokens, on_close=closer,
+                             keepalive_s=gw.settings.sse_keepalive_s)
         return EventStreamResponse(body, closer)
 
     try:
-        outcome = await asyncio.wait_for(collect(events, submission.num_prompt_tokens),
-                                         timeout=wait_timeout_s(gw))
-    except asyncio.TimeoutError:
-        gw.spawn(gw.jobs.request_cancel(request.id, request.owner), name=f"cancel-{request.id}")
-        raise GatewayTimeoutError(
-            f"request {request.id} did not finish within {wait_timeout_s(gw):.0f} s; "
-            "it was cancelled (use stream=true or POST /v1/jobs for long generations)"
-        ) from None
+        outcome = await _collect_unless_gone(events, submission, receive)
     finally:
         gw.dispatcher.unregister(request.id)
         with contextlib.suppress(Exception):
             await events.aclose()
+    if outcome is None:
+        _cancel(gw, submission)
+        return Response(status_code=CLIENT_CLOSED_STATUS)
     return JSONResponse(fmt.response(outcome))
+
+
+async def _collect_unless_gone(events: AsyncIterator[TokenEvent], submission: Submission,
+                               receive: Receive) -> Outcome | None:
+    """The whole answer, or ``None`` when the client disconnected first."""
+    collecting = asyncio.create_task(collect(events, submission.num_prompt_tokens))
+    watching = asyncio.create_task(wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if collecting.done():
+            return collecting.result()
+        return None
+    finally:
+        for task in (watching, collecting):
+            await cancel_and_wait(task, STOP_WAIT_TIMEOUT_S)
+        if watching.done() and not watching.cancelled():
+            watching.exception()  # retrieved: a channel error only means the client left
+
+
+def _cancel(gw: GatewayState, submission: Submission) -> None:
+    request = submission.request
+    gw.spawn(gw.jobs.request_cancel(request.id, request.owner), name=f"cancel-{request.id}")

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     gateway_drain_timeout_s: float = 30.0  # on SIGTERM, how long open streams may finish
     gateway_shutdown_delay_s: float = 1.0  # on SIGTERM, /readyz 503 this long before closing
     log_level: str = "INFO"
+    sse_keepalive_s: float = Field(default=15.0, gt=0)  # SSE comment this often when idle
 
     # --- Operations: metrics and autoscaling (docs/operations.md) -----------------------
     metrics_port: int = 0  # worker: /metrics, /healthz and /readyz on this port; 0 = off

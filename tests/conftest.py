@@ -1,66 +1,41 @@
-"""Fixtures shared by all tests: a throw-away redis-server on a free port."""
+"""Fixtures shared by all tests: a throw-away Redis server on a free port.
+
+The server binary is ``TOKENFLEET_TEST_REDIS_SERVER`` if set (e.g. the bundled
+``valkey-server``, to check that tokenfleet works on it), else ``redis-server`` on PATH.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tokenfleet.supervisor import RedisProcess
+from tokenfleet.supervisor import free_port as free_port  # re-exported for the tests
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+TEST_REDIS_ENV = "TOKENFLEET_TEST_REDIS_SERVER"
 
 
-class RedisServer:
-    """A private redis-server process; ``restart()`` keeps its data dir (AOF on)."""
+def redis_binary() -> Path | None:
+    """The server the tests run: ``$TOKENFLEET_TEST_REDIS_SERVER``, else ``redis-server``."""
+    chosen = os.environ.get(TEST_REDIS_ENV, "").strip()
+    if chosen:
+        return Path(chosen)
+    found = shutil.which("redis-server")
+    return Path(found) if found else None
+
+
+class RedisServer(RedisProcess):
+    """A private Redis with AOF on (``restart()`` keeps its data); skips without a server."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
+        binary = redis_binary()
         if binary is None:
-            pytest.skip("redis-server not on PATH")
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data_dir),
-             "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+            pytest.skip("redis-server not on PATH (or set TOKENFLEET_TEST_REDIS_SERVER)")
+        super().__init__(binary, data_dir, port, aof=True)
 
 
 @pytest.fixture

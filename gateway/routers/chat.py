@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.deps import GatewayDep, PrincipalDep
@@ -15,7 +15,7 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
 async def create_chat_completion(body: ChatCompletionRequest, gw: GatewayDep,
-                                 principal: PrincipalDep) -> Response:
+                                 principal: PrincipalDep, request: Request) -> Response:
     submission = await prepare(gw, body, principal, messages=body.messages, prompt=None,
                                id_prefix=ID_PREFIXES["chat"], live=True)
-    return await respond(gw, submission)
+    return await respond(gw, submission, request.receive)

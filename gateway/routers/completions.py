@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.deps import GatewayDep, PrincipalDep
@@ -15,7 +15,7 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", summary="Create a text completion (OpenAI-compatible)")
 async def create_completion(body: CompletionRequest, gw: GatewayDep,
-                            principal: PrincipalDep) -> Response:
+                            principal: PrincipalDep, request: Request) -> Response:
     submission = await prepare(gw, body, principal, messages=None, prompt=body.prompt,
                                id_prefix=ID_PREFIXES["completion"], live=True)
-    return await respond(gw, submission)
+    return await respond(gw, submission, request.receive)

@@ -160,7 +160,7 @@ def test_static_keys_match_by_digest() -> None:
 
 def _cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, TOKENFLEET_REDIS_URL=redis_url, TOKENFLEET_KEY_PREFIX=PREFIX)
-    return subprocess.run([sys.executable, "-m", "shared.cli", "keys", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tokenfleet", "keys", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=60, check=False)
 
 

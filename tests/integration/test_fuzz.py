@@ -1,4 +1,5 @@
-"""Fuzz the gateway from its own OpenAPI schema: no input may cause a 5xx.
+"""Fuzz the gateway from its own OpenAPI schema: no input may cause a 5xx other than the
+documented ones a client can act on (``DOCUMENTED_5XX``, see docs/api.md).
 
 A real gateway process and a null-engine worker; a fixed number of examples per operation
 with a fixed seed (``derandomize``), with auth off and with auth and rate limits on (then
@@ -22,6 +23,9 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES_PER_OPERATION = 30
 KEY = "tf-fuzz-static-key"
+# 504 queue_timeout: the request waited in the queue past the ``timeout`` it asked for (a
+# fuzzed tiny timeout expires or not depending on the CPU's speed: both answers are right).
+DOCUMENTED_5XX = frozenset({(504, "queue_timeout")})
 AUTH_ENV = {"TOKENFLEET_AUTH": "true", "TOKENFLEET_API_KEYS": KEY,
             "TOKENFLEET_RATE_LIMIT_RPM": "100000", "TOKENFLEET_RATE_LIMIT_TPM": "100000000"}
 
@@ -55,7 +59,7 @@ def test_no_input_makes_the_gateway_fail(fleet: Fleet) -> None:
         def fuzz(case: schemathesis.Case) -> None:
             response = case.call(timeout=30, headers=headers)
             statuses[response.status_code] += 1
-            if response.status_code >= 500:
+            if response.status_code >= 500 and not _is_documented(response):
                 failures.append(f"{case.method} {case.formatted_path} -> "
                                 f"{response.status_code}: {response.text[:200]}")
         fuzz()
@@ -67,3 +71,11 @@ def test_no_input_makes_the_gateway_fail(fleet: Fleet) -> None:
         ok = client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert ok.status_code == 200, ok.text
+
+
+def _is_documented(response: httpx.Response) -> bool:
+    try:
+        code = response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return (response.status_code, code) in DOCUMENTED_5XX

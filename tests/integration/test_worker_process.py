@@ -81,6 +81,12 @@ def wait_ready(client: redis.Redis) -> None:
     wait_for(is_ready)
 
 
+def is_draining(client: redis.Redis) -> bool:
+    """True once a worker's heartbeat says it is draining (it has stopped reading)."""
+    ids = client.zrange(KEYS.workers, 0, -1)
+    return any(client.hget(KEYS.worker(i.decode()), "state") == b"draining" for i in ids)
+
+
 def num_pending(client: redis.Redis) -> int:
     return int(client.xpending(KEYS.requests_stream(MODEL), WORKER_GROUP)["pending"])
 
@@ -109,6 +115,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(
     wait_for(lambda: all(status(client, job_id) == "running" for job_id in ids))
 
     proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: is_draining(client) or proc.poll() is not None)  # it reads no more
     submit(client, "after-sigterm", max_tokens=20)
 
     assert proc.wait(TIMEOUT_S) == 0

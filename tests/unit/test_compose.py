@@ -125,3 +125,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", ".tokenfleet", "tests"):
         assert entry in ignored
+
+
+def test_image_has_every_installed_package_the_commands_need(dockerfile: str) -> None:
+    """``tokenfleet gateway|worker`` live in ``tokenfleet/`` (the entry point's package)."""
+    for package in ("shared", "gateway", "worker", "tokenfleet", "batches"):
+        assert f"COPY {package} ./{package}" in dockerfile

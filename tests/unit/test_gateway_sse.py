@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from gateway.errors import GatewayTimeoutError
+import pytest
+
+from gateway.errors import GatewayTimeoutError, QueueTimeoutError, describe
+from gateway.generation import collect
 from gateway.openai_format import OpenAIFormat, Outcome
-from gateway.sse import StreamCloser, openai_stream
+from gateway.reader import _Cursor, _text_catch_up
+from gateway.sse import KEEPALIVE, StreamCloser, openai_stream
 from shared.protocol import (
     EVENT_DONE,
     EVENT_ERROR,
@@ -95,3 +100,82 @@ def test_response_bodies() -> None:
     assert text["object"] == "text_completion"
     assert text["choices"][0]["text"] == "hi"
     assert text["usage"]["total_tokens"] == 4
+
+
+async def test_a_queue_timeout_is_its_own_error_code() -> None:
+    event = TokenEvent("r", 0, EVENT_ERROR, finish_reason="timeout", error="timed out in queue")
+    sse, _ = await run(from_list([event]))
+    error = json.loads(sse[-2][1])["error"]
+    assert (error["code"], error["type"]) == ("queue_timeout", "timeout_error")
+    with pytest.raises(QueueTimeoutError):
+        await collect(from_list([event]), prompt_tokens=1)
+    status, body = describe(QueueTimeoutError("late"))
+    assert (status, body["error"]["code"]) == (504, "queue_timeout")
+
+
+async def test_keep_alive_comments_while_no_event_arrives() -> None:
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[TokenEvent]:
+        yield TokenEvent("r", 0, EVENT_TOKEN, text="a")
+        await release.wait()
+        yield TokenEvent("r", 1, EVENT_TOKEN, text="b")
+        yield TokenEvent("r", 2, EVENT_DONE, finish_reason="stop")
+
+    fmt = OpenAIFormat(kind="completion", id="r", model="m", created=1)
+    chunks: list[bytes] = []
+    async for chunk in openai_stream(slow(), fmt, request_id="r", prompt_tokens=1,
+                                     on_close=lambda finished: None, keepalive_s=0.01):
+        chunks.append(chunk)
+        if chunk == KEEPALIVE:
+            release.set()  # the event waited for arrives after a keep-alive: none is lost
+    assert KEEPALIVE in chunks
+    body = b"".join(c for c in chunks if c != KEEPALIVE).decode()
+    texts = [json.loads(d)["choices"][0]["text"] for _, d in parse_sse(body)[:-1]]
+    assert texts == ["a", "b", ""]
+
+
+async def test_job_stream_events_carry_their_seq_as_id() -> None:
+    events = [TokenEvent("j", 0, EVENT_START), TokenEvent("j", 1, EVENT_TOKEN, text="x"),
+              TokenEvent("j", 2, EVENT_RESTART), TokenEvent("j", 3, EVENT_TOKEN, text="y"),
+              TokenEvent("j", 4, EVENT_DONE, finish_reason="stop")]
+    fmt = OpenAIFormat(kind="chat", id="j", model="m", created=1, include_usage=True)
+    body = b"".join([c async for c in openai_stream(
+        from_list(events), fmt, request_id="j", prompt_tokens=1, on_close=lambda f: None,
+        with_ids=True, is_resumed=True)]).decode()
+    ids = [line for line in body.split("\n") if line.startswith("id:")]
+    assert ids == ["id: 1", "id: 2", "id: 3", "id: 4", "id: 4", "id: 4"]
+    assert '"role"' not in body  # a resumed stream does not repeat the role chunk
+
+
+def test_catch_up_from_the_text_of_a_compacted_job() -> None:
+    fresh = _Cursor(-1, [])
+    assert [e.text for e in _text_catch_up("j", fresh, "abc")] == ["abc"]
+    partly = _Cursor(5, ["a", "b"])
+    assert [(e.seq, e.text) for e in _text_catch_up("j", partly, "abc")] == [(6, "c")]
+    unknown = _Cursor(5, None)
+    assert [e.type for e in _text_catch_up("j", unknown, "abc")] == [EVENT_RESTART, EVENT_TOKEN]
+    assert _text_catch_up("j", _Cursor(-1, []), "") == []
+
+
+@pytest.mark.parametrize("keepalive_s", [None, 0.01])
+async def test_closing_a_stream_stops_its_pending_read_at_once(keepalive_s: float | None) -> None:
+    is_closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[TokenEvent]:
+        try:
+            yield TokenEvent("r", 0, EVENT_TOKEN, text="a")
+            await asyncio.Event().wait()
+            yield TokenEvent("r", 1, EVENT_TOKEN, text="never")
+        finally:
+            is_closed.set()
+
+    fmt = OpenAIFormat(kind="completion", id="r", model="m", created=1)
+    closed: list[bool] = []
+    stream = openai_stream(endless(), fmt, request_id="r", prompt_tokens=1,
+                           on_close=closed.append, keepalive_s=keepalive_s)
+    assert b'"a"' in await stream.__anext__()
+    if keepalive_s is not None:
+        assert await stream.__anext__() == KEEPALIVE  # a read of the next event is pending
+    await stream.aclose()
+    assert is_closed.is_set() and closed == [False]

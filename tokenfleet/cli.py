@@ -1,6 +1,6 @@
 """The ``tokenfleet`` command: argument parsing and dispatch.
 
-Subcommands: ``up`` (a whole local fleet; ``shared.fleet``), ``gateway``, ``worker``,
+Subcommands: ``up`` (a whole local fleet; ``tokenfleet.up``), ``gateway``, ``worker``,
 ``model prepare|path``, ``keys create|list|revoke`` (``shared.apikeys``) and ``bench``
 (``bench.cli``). Configuration comes from ``TOKENFLEET_*`` environment variables
 (``shared.settings``); a few flags override them. This module imports neither torch nor
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from batches import cli as batches_cli
 from shared.errors import TokenfleetError
 from shared.settings import Settings
 
@@ -95,7 +96,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from shared.fleet import run_up
+    from tokenfleet.up import run_up
 
     return run_up(load_settings(host=args.host, port=args.port), args.workers)
 
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run a local fleet: redis, a gateway and workers",
                              description="Run a complete local fleet. Uses TOKENFLEET_REDIS_URL "
-                             "if set, otherwise starts a private redis-server (data in "
-                             "./.tokenfleet/redis).")
+                             "if set, otherwise starts a private redis-server from PATH or the "
+                             "bundled valkey-server (data in ./.tokenfleet/redis).")
     _add_http_flags(up)
     up.add_argument("--workers", type=int, default=1, metavar="N",
                     help="number of worker processes (default: 1)")
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(commands)
     _add_bench_command(commands)
     _add_keys_commands(commands)
+    batches_cli.add_parsers(commands)  # enqueue, batch ..., orchestrator
     return parser
 
 
@@ -162,9 +164,9 @@ def _key_store() -> Iterator[tuple[redis.Redis, Keys]]:
     """A Redis client and the key names, from the settings; Redis errors read as one line."""
     import redis as redis_lib
 
-    from shared.fleet import redact_url
     from shared.keys import Keys
     from shared.redis_conn import sync_client
+    from tokenfleet.redis_server import redact_url
 
     settings = Settings()
     client = sync_client(settings)

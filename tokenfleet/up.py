@@ -1,0 +1,138 @@
+"""``tokenfleet up``: a whole local fleet, supervised until Ctrl-C or SIGTERM.
+
+Redis (``tokenfleet.redis_server`` says which), the model prepared once in a child process
+(torch stays out of the supervisor), one gateway and N workers as ``python -m tokenfleet``
+children of one ``Supervisor``; stopped app processes first, Redis last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+from shared.settings import Settings
+from tokenfleet.redis_server import (
+    RedisPlan,
+    check_external_redis,
+    pick_redis_port,
+    plan_redis,
+    port_is_free,
+    redact_url,
+    redis_data_dir,
+    server_version,
+)
+from tokenfleet.supervisor import FleetError, RedisProcess, Supervisor, http_answers, role_argv
+
+logger = logging.getLogger("tokenfleet.up")
+
+KILL_MARGIN_S = 5.0  # extra wait past the drain timeouts before children are killed
+
+
+def auth_mode(settings: Settings) -> str:
+    """One line saying whether the gateway requires API keys, and the default limits."""
+    if not settings.auth:
+        return "off (local use: no API key needed; set TOKENFLEET_AUTH=true to require keys)"
+    limits = ", ".join(f"{value} {unit}/min" for value, unit in (
+        (settings.rate_limit_rpm, "requests"), (settings.rate_limit_tpm, "tokens")) if value)
+    return (f"ON: every /v1 request needs 'Authorization: Bearer <key>'; "
+            f"{len(settings.api_keys)} static keys from TOKENFLEET_API_KEYS + keys stored in "
+            f"Redis (`tokenfleet keys create`); default limits per key: {limits or 'none'}")
+
+
+def stop_timeout_s(settings: Settings) -> float:
+    """How long ``up`` waits for its children to drain before it kills them."""
+    gateway_s = settings.gateway_shutdown_delay_s + settings.gateway_drain_timeout_s
+    return max(settings.drain_timeout_s, gateway_s) + KILL_MARGIN_S
+
+
+def local_host(host: str) -> str:
+    """Where a local client reaches a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def start_redis(fleet: Supervisor, plan: RedisPlan, settings: Settings) -> tuple[str, str]:
+    """(URL, description) of the Redis the fleet uses: checked if external, else started."""
+    if plan.mode == "external":
+        check_external_redis(str(plan.url))
+        return str(plan.url), f"external {redact_url(str(plan.url))}"
+    assert plan.binary is not None
+    fleet.redis = RedisProcess(plan.binary, redis_data_dir(settings), pick_redis_port())
+    fleet.redis.start()
+    version = server_version(plan.binary)
+    logger.info("private %s on port %d, data in %s", version, fleet.redis.port,
+                fleet.redis.data_dir)
+    return fleet.redis.url, f"private {fleet.redis.url} ({version}, {plan.binary})"
+
+
+def run_up(settings: Settings, workers: int) -> int:
+    """Run a local fleet until Ctrl-C/SIGTERM (-> 0) or until a child dies (-> 1)."""
+    if workers < 1:
+        raise FleetError("--workers must be at least 1")
+    if not port_is_free(settings.port, settings.host):
+        raise FleetError(f"port {settings.port} on {settings.host} is in use; pass --port")
+    plan = plan_redis(os.environ)
+    logger.info("auth: %s", auth_mode(settings))
+    fleet = Supervisor(os.environ, stop_timeout_s=stop_timeout_s(settings))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, fleet.request_stop)
+    try:
+        redis_url, redis_text = start_redis(fleet, plan, settings)
+        settings = settings.model_copy(update={"redis_url": redis_url})
+        model = _ensure_model(settings)
+        fleet.env.update(TOKENFLEET_REDIS_URL=redis_url, TOKENFLEET_HOST=settings.host,
+                         TOKENFLEET_PORT=str(settings.port))
+        fleet.start_role("gateway", "gateway")
+        for index in range(workers):
+            fleet.start_role(f"worker-{index + 1}", "worker")
+        fleet.start_role("orchestrator", "orchestrator")  # drives offline batches (arq)
+        banner = _banner(settings, redis_text, workers, model)
+        return fleet.supervise(_print_when_ready(settings, banner))
+    finally:
+        fleet.stop()
+
+
+def _ensure_model(settings: Settings) -> str:
+    """Prepare the model in a child process (keeps torch out of the supervisor)."""
+    if settings.engine == "null":
+        return f"{settings.model_name} (null engine: no model loaded)"
+    from worker.model_store import is_default_model, is_prepared, resolve_model_path
+
+    path = resolve_model_path(settings, prepare=False)
+    if is_default_model(settings.model) and not is_prepared(path):
+        logger.info("first run: preparing the model (about 30 s)")
+        subprocess.run(role_argv("model", "prepare"), check=True, stdout=subprocess.DEVNULL)
+    return f"{settings.model_name} ({path})"
+
+
+def _banner(settings: Settings, redis_text: str, workers: int, model: str) -> str:
+    host = local_host(settings.host)
+    listening = "" if host == settings.host else f"  (listening on {settings.host})"
+    return "\n".join([
+        "",
+        "tokenfleet is up",
+        f"  gateway:  http://{host}:{settings.port}{listening}",
+        f"  redis:    {redis_text}",
+        f"  model:    {model}",
+        f"  workers:  {workers} (engine: {settings.engine})",
+        "  batches:  one orchestrator (tokenfleet enqueue FILE.jsonl)",
+        f"  auth:     {auth_mode(settings)}",
+        "Press Ctrl-C to stop.",
+        "",
+    ])
+
+
+def _print_when_ready(settings: Settings, banner: str) -> Callable[[], None]:
+    """A supervisor tick that prints ``banner`` once, when the gateway answers HTTP."""
+    url = f"http://{local_host(settings.host)}:{settings.port}/healthz"
+    printed = False
+
+    def tick() -> None:
+        nonlocal printed
+        if not printed and http_answers(url):
+            print(banner, flush=True)
+            printed = True
+
+    return tick
