@@ -35,6 +35,7 @@ from bench.machine import ForeignLoad, machine
 from shared.keys import Keys
 from shared.settings import DEFAULT_MODEL
 from tokenfleet.autoscale import Autoscaler, ScalePolicy, run
+from tokenfleet.supervisor import role_argv
 
 WORKER_STAGES = ("imports", "torch_import", "weights", "warmup", "serving")
 IDLE_S = 1.0
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             ports[name] = free_port()
             log = open(fleet.dir / f"{name}.log", "wb")  # noqa: SIM115 - lives with it
             return subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "worker"], cwd=REPO, stdout=log,
+                role_argv("worker"), cwd=REPO, stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**fleet.env, "TOKENFLEET_METRICS_PORT": str(ports[name]),
                      "TOKENFLEET_LOG_LEVEL": "INFO"})

@@ -13,6 +13,8 @@ heartbeats of its workers, and decides:
   running or waiting, continuously for ``TOKENFLEET_SCALE_DOWN_IDLE_S``, is drained with
   SIGTERM (it stops reading, finishes what it holds, exits 0) while the fleet is above
   ``desired``. A busy worker is never signalled.
+- **crash loop**: a worker that exits on its own (not drained) holds further starts back
+  1, 2, 4, ... up to 60 s, until a worker reports ready again.
 - **bootstrap**: when no worker ever published the model's info (a fresh Redis), one
   worker is started whatever ``min_workers`` says, so gateways can tokenize and queue
   requests for it; it scales away like any other once idle.
@@ -40,6 +42,8 @@ from shared.queue_depth import parse_depths, queue_commands
 logger = logging.getLogger("tokenfleet.autoscale")
 
 TICK_S = 0.25
+CRASH_BACKOFF_S = 1.0  # after a worker dies on its own: 1, 2, 4, ... s before the next start
+CRASH_BACKOFF_MAX_S = 60.0
 SCALER_STATE_TTL_S = 30
 STATE_READY = "ready"  # the worker heartbeat's state while it serves
 
@@ -119,6 +123,9 @@ class Autoscaler:
         self.workers: list[ManagedWorker] = []
         self.exited: list[tuple[ManagedWorker, int]] = []  # (worker, exit code), oldest first
         self._num_started = 0
+        self._is_failing = False
+        self._num_crashes = 0  # workers that died on their own since one was last ready
+        self._hold_until = 0.0  # clock(): no start before this (crash backoff)
         self.last: Decision | None = None
 
     # --- one tick -----------------------------------------------------------------------
@@ -133,7 +140,10 @@ class Autoscaler:
             desired, reason = max(desired, 1), "bootstrap: no worker published the model yet"
         self._track_idle(live, beats)
         decision = Decision(depth=depth, desired=desired, workers=len(live), reason=reason)
-        if desired > len(live):
+        if desired > len(live) and self.clock() < self._hold_until:
+            decision.reason += (f"; starts held back {self._hold_until - self.clock():.1f} s "
+                                f"after {self._num_crashes} crash(es)")
+        elif desired > len(live):
             decision.started = [self._start().name for _ in range(desired - len(live))]
         elif desired < len(live):
             decision.drained = self._drain_idle(live, len(live) - desired)
@@ -146,6 +156,20 @@ class Autoscaler:
         self._publish(decision)
         self.last = decision
         return decision
+
+    def tick_safely(self) -> None:
+        """``tick``, with a Redis outage logged once and the fleet left as it is."""
+        try:
+            self.tick()
+        except redis.RedisError as exc:
+            if not self._is_failing:
+                logger.warning("autoscaler: cannot read Redis (%s); holding the fleet as is",
+                               exc)
+            self._is_failing = True
+            return
+        if self._is_failing:
+            logger.info("autoscaler: Redis answers again")
+        self._is_failing = False
 
     def stop(self, timeout_s: float) -> None:
         """SIGTERM every worker (they drain), wait up to ``timeout_s``, then SIGKILL."""
@@ -196,6 +220,8 @@ class Autoscaler:
         now = self.clock()
         for worker in live:
             beat = beats.get(worker.proc.pid)
+            if beat is not None and beat.state == STATE_READY:
+                self._num_crashes = 0  # a worker serves: the crash loop (if any) is over
             if beat is not None and beat.is_idle:
                 worker.idle_since = worker.idle_since if worker.idle_since is not None else now
             else:
@@ -227,9 +253,12 @@ class Autoscaler:
             self.exited.append((worker, code))
             if worker.is_draining and code == 0:
                 logger.info("%s drained and exited", worker.name)
-            else:
-                logger.warning("%s exited on its own with code %s; the next tick replaces it "
-                               "if the queue needs it", worker.name, code)
+                continue
+            self._num_crashes += 1
+            delay = min(CRASH_BACKOFF_MAX_S, CRASH_BACKOFF_S * 2 ** (self._num_crashes - 1))
+            self._hold_until = self.clock() + delay
+            logger.warning("%s exited on its own with code %s; replaced (if the queue needs "
+                           "it) in %.0f s", worker.name, code, delay)
 
     def _publish(self, decision: Decision) -> None:
         state = {"desired": decision.desired, "workers": decision.workers,
@@ -245,18 +274,8 @@ class Autoscaler:
 
 
 def run(scaler: Autoscaler, should_stop: Callable[[], bool], tick_s: float = TICK_S) -> None:
-    """Tick until ``should_stop()``; a Redis outage skips ticks (one log line) and changes
-    nothing: workers keep running and the next good tick decides again."""
-    failing = False
+    """Tick until ``should_stop()`` (a thread's loop; ``tokenfleet up`` ticks from its
+    supervisor loop instead)."""
     while not should_stop():
-        try:
-            scaler.tick()
-            if failing:
-                logger.info("autoscaler: Redis answers again")
-            failing = False
-        except redis.RedisError as exc:
-            if not failing:
-                logger.warning("autoscaler: cannot read Redis (%s); holding the fleet as is",
-                               exc)
-            failing = True
+        scaler.tick_safely()
         time.sleep(tick_s)

@@ -20,5 +20,5 @@ router = APIRouter(tags=["fleet"])
 async def get_fleet(gw: GatewayDep, _principal: PrincipalDep) -> dict[str, Any]:
     view = await read_fleet(gw.redis, gw.keys, gw.settings.heartbeat_ttl_s, with_history=True)
     body = view.to_json()
-    body["gateway"] = {"id": gw.gateway_id, "open_requests": gw.dispatcher.num_waiting}
+    body["gateway"] = {"id": gw.gateway_id, "open_requests": gw.dispatcher.num_mailboxes}
     return body

@@ -21,5 +21,5 @@ router = APIRouter(tags=["health"])
 async def metrics(request: Request, gw: GatewayDep) -> Response:
     registry: GatewayMetrics = request.app.state.metrics
     view = await read_fleet(gw.redis, gw.keys, gw.settings.heartbeat_ttl_s)
-    body = registry.render(view, num_open_requests=gw.dispatcher.num_waiting)
+    body = registry.render(view, num_open_requests=gw.dispatcher.num_mailboxes)
     return Response(body, media_type=CONTENT_TYPE)

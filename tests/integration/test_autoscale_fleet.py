@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from shared.keys import WORKER_GROUP, Keys
 from tests.integration.fleet import REPO, Fleet, make_fleet
 from tests.integration.waiting import wait_for
 from tokenfleet.autoscale import Autoscaler, ScalePolicy, run
+from tokenfleet.supervisor import role_argv
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def start_worker_in(fleet: Fleet) -> object:
     def start(name: str) -> subprocess.Popen[bytes]:
         log = open(fleet.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with it
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], cwd=REPO,
+        return subprocess.Popen(role_argv("worker"), cwd=REPO,
                                 env=fleet.env, stdout=log, stderr=subprocess.STDOUT)
     return start
 

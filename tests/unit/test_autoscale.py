@@ -158,9 +158,24 @@ def test_a_worker_that_dies_is_replaced_while_the_queue_needs_it(
         client: redis.Redis, procs: list[subprocess.Popen[bytes]]) -> None:
     client.sadd(KEYS.models, MODEL)
     queue(client, 2)
-    scaler = make_scaler(client, procs, Clock())
+    clock = Clock()
+    scaler = make_scaler(client, procs, clock)
     assert scaler.tick().started == ["worker-1"]
+    for attempt, backoff_s in ((1, 1.0), (2, 2.0)):
+        scaler.workers[0].proc.kill()
+        scaler.workers[0].proc.wait()
+        held = scaler.tick()
+        assert held.started == [] and "held back" in held.reason  # no crash loop storm
+        clock.now += backoff_s - 0.01
+        assert scaler.tick().started == []
+        clock.now += 0.02
+        assert scaler.tick().started == [f"worker-{attempt + 1}"]
+    assert [(w.name, code) for w, code in scaler.exited] == [("worker-1", -9),
+                                                             ("worker-2", -9)]
+    beat(client, scaler.workers[0].proc.pid)  # it serves: the next crash waits 1 s again
+    scaler.tick()
     scaler.workers[0].proc.kill()
     scaler.workers[0].proc.wait()
-    assert scaler.tick().started == ["worker-2"]
-    assert [(w.name, code) for w, code in scaler.exited] == [("worker-1", -9)]
+    scaler.tick()
+    clock.now += 1.01
+    assert scaler.tick().started == ["worker-4"]
