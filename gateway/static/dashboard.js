@@ -5,7 +5,7 @@
 
 const POLL_MS = Number(new URLSearchParams(location.search).get("interval_ms")) || 2000;
 const KEY_STORE = "tokenfleet.apiKey";
-const SUMMARY_BUCKETS = 12; // the stats' "1 min" at 5 s buckets
+const MIN_CHART_BUCKETS = 24; // charts show at least the last 2 minutes (5 s buckets)
 
 const $ = (id) => document.getElementById(id);
 const charts = {};
@@ -137,7 +137,8 @@ function renderBatches(batches) {
   }
 }
 
-function renderJobs(jobs) {
+function renderJobs(unsorted) {
+  const jobs = [...unsorted].sort((a, b) => b.finished_at - a.finished_at);
   const body = fillTable("jobs", jobs, 11, "no request finished in the last minutes");
   if (!body) return;
   for (const j of jobs) {
@@ -179,7 +180,18 @@ function chartOptions(title, series, el) {
   };
 }
 
-function renderCharts(points) {
+function recentPoints(points) {
+  // From the first bucket with any traffic (at least the last 2 minutes): an idle start
+  // of the 10-minute window would squeeze the curves into the right edge.
+  const busy = points.findIndex((p) => p.gen_tokens_per_s || p.prompt_tokens_per_s ||
+                                       p.requests_per_s);
+  const start = busy < 0 ? points.length - MIN_CHART_BUCKETS
+                         : Math.min(busy, points.length - MIN_CHART_BUCKETS);
+  return points.slice(Math.max(0, start));
+}
+
+function renderCharts(allPoints) {
+  const points = recentPoints(allPoints);
   const t = points.map((p) => p.t);
   const data = {
     tokens: [t, points.map((p) => p.gen_tokens_per_s), points.map((p) => p.prompt_tokens_per_s)],
