@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.Popen(
                 role_argv("worker"), cwd=REPO, stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**fleet.env, "TOKENFLEET_METRICS_PORT": str(ports[name]),
+                env={**fleet.supervisor.env, "TOKENFLEET_METRICS_PORT": str(ports[name]),
                      "TOKENFLEET_LOG_LEVEL": "INFO"})
 
         client = redis.Redis.from_url(fleet.redis_url)

@@ -158,13 +158,13 @@ class Autoscaler:
         return decision
 
     def tick_safely(self) -> None:
-        """``tick``, with a Redis outage logged once and the fleet left as it is."""
+        """``tick``, with a Redis outage (or a failed process start) logged once and the
+        fleet left as it is."""
         try:
             self.tick()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:  # Redis away, or a worker cannot start
             if not self._is_failing:
-                logger.warning("autoscaler: cannot read Redis (%s); holding the fleet as is",
-                               exc)
+                logger.warning("autoscaler: %s; holding the fleet as is", exc)
             self._is_failing = True
             return
         if self._is_failing:
