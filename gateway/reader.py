@@ -18,8 +18,8 @@ from collections.abc import AsyncGenerator
 import redis.asyncio as aioredis
 
 from gateway.events import Mailbox
-from gateway.jobs import TERMINAL_STATUSES, int_field, str_field
 from shared.errors import ProtocolError
+from shared.job_record import TERMINAL_STATUSES, int_field, str_field
 from shared.keys import Keys
 from shared.protocol import EVENT_DONE, EVENT_ERROR, TokenEvent, unpack_event
 

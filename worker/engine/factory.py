@@ -48,6 +48,7 @@ def model_info(settings: Settings, loaded: LoadedModel, max_context: int) -> Mod
         add_bos_token=bool(tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]),
         quantization=loaded.quantization,
         dtype=str(loaded.dtype).removeprefix("torch."),
+        max_batch_tokens=settings.max_batch_tokens,
     )
 
 
