@@ -67,7 +67,8 @@ def start_worker(redis_url: str) -> Iterator[Callable[..., RunningWorker]]:
             **overrides,
         }
         settings = Settings(**values)  # type: ignore[arg-type]
-        engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens, step_delay_s)
+        engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens, step_delay_s,
+                            kv_tokens_budget=settings.max_batch_tokens)
         status = WorkerStatus(worker_id=make_worker_id(), model=MODEL)
         heartbeat = start_heartbeat(settings, status)
         service = WorkerService(settings, engine, null_model_info(MODEL), status=status)
