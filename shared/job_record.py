@@ -204,9 +204,9 @@ WRITE_NO_ACK = ""  # WRITE_JOB_LUA's entry id when there is nothing to acknowled
 # Events and text are stored once: a transaction re-sent after a lost reply finds the list
 # already past its first seq and stores them again only if Redis lost them. A start resets
 # the text (a new attempt generates it again). A finish compacts: the event list is kept
-# only for the replay window, the hash and text for the job ttl, the cancel flag goes, and
-# the request entry is acknowledged (in this script, so a fenced-off writer never acks
-# another worker's delivery).
+# only for the replay window, the hash and the text (stored again at its exact size) for
+# the job ttl, the cancel flag goes, and the request entry is acknowledged (here, so a
+# fenced-off writer never acks another worker's delivery).
 # KEYS: job hash, events list, text, cancel flag, request stream.
 # ARGV: 1 attempt, 2 first seq, 3 is start (0/1), 4 is finish (0/1), 5 job ttl (s),
 #       6 events ttl after finish (s), 7 group, 8 entry id to ack (WRITE_NO_ACK: none),
@@ -233,7 +233,8 @@ if num_items > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + num_item
 if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
 if ARGV[4] == '1' then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  local text = redis.call('GET', KEYS[3])  -- stored again: APPEND left it over-allocated
+  if text then redis.call('SET', KEYS[3], text, 'EX', ARGV[5]) end
   redis.call('EXPIRE', KEYS[2], ARGV[6])
   redis.call('DEL', KEYS[4])
 end

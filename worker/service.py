@@ -95,6 +95,13 @@ class Backoff:
         self.delay_s = FIRST_BACKOFF_S
 
 
+def short_reason(exc: redis.RedisError) -> str:
+    """Redis's own words, without redis-py's echo of a pipeline's (binary) command."""
+    message = str(exc)
+    _, marker, reason = message.partition("caused error: ")
+    return (reason if marker else message)[:200]
+
+
 def maintenance_interval_s(claim_idle_ms: int) -> float:
     """Touch/reclaim often enough that a live worker's entries never look stalled."""
     interval_s = claim_idle_ms / 1000 / 3
@@ -295,10 +302,10 @@ class WorkerService:
             self.client.connection_pool.disconnect()  # reconnect: maybe to the new primary
         if kind is not self._refusal:
             logger.warning("Redis %s (%s); backing off and retrying, up to %.1f s apart",
-                           kind.value, exc, MAX_BACKOFF_S)
+                           kind.value, short_reason(exc), MAX_BACKOFF_S)
             self._refusal = kind
         else:
-            logger.debug("Redis still %s: %s", kind.value, exc)
+            logger.debug("Redis still %s: %s", kind.value, short_reason(exc))
         time.sleep(delay_s)
 
     def _on_redis_ok(self) -> None:

@@ -24,8 +24,8 @@ from tests.integration.worker_harness import (
     stored_events,
     submit,
     wait_finished,
+    wait_for,
 )
-from tests.integration.worker_harness import wait_for as wait_for
 
 pytestmark = pytest.mark.integration
 
