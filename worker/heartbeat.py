@@ -80,10 +80,6 @@ class Heartbeat:
     def start(self) -> None:
         self._thread.start()
 
-    def beat_soon(self) -> None:
-        """Write now rather than at the next tick (e.g. after a state change)."""
-        self._wake.set()
-
     def stop(self, *, deregister: bool = True) -> None:
         """Stop the thread; on a clean exit remove this worker from the fleet right away."""
         self._is_stopping = True

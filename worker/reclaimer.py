@@ -170,7 +170,7 @@ class Reclaimer:
         deliveries = {p["message_id"]: int(p["times_delivered"]) for p in pending}
         return [
             StreamEntry(stream=stream, entry_id=entry_id, fields=dict(fields or {}),
-                        deliveries=deliveries.get(entry_id, 0) + 1, is_reclaimed=True)
+                        deliveries=deliveries.get(entry_id, 0) + 1)
             for entry_id, fields in claimed
             if fields is not None  # deleted from the stream meanwhile
         ]
