@@ -8,7 +8,8 @@ making progress. ``claim`` lists such entries (``XPENDING ... IDLE``) and claims
 
 ``touch`` refreshes only entries the group still lists under this consumer (checked in the
 same script as the ``XCLAIM``), so a worker that stalled past the claim idle time never takes
-its entry back from the worker that claimed it; it learns that it lost those entries.
+its entry back from the worker that claimed it; it learns that it lost those entries. The
+``Toucher`` thread touches while the loop is inside a long engine step.
 
 ``tidy`` (maintenance) deletes the entries every consumer is done with (``XTRIM MINID``:
 everything before the oldest pending entry, or up to the last delivered one when nothing is
@@ -20,6 +21,7 @@ no heartbeat and that hold no pending entries (checked atomically).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -185,3 +187,49 @@ def _group(in_flight: Iterable[tuple[str, bytes]]) -> dict[str, list[Any]]:
     for stream, entry_id in in_flight:
         by_stream.setdefault(stream, []).append(entry_id)
     return by_stream
+
+
+class Toucher:
+    """Touches our in-flight entries from a daemon thread, every ``interval_s``, so a long
+    engine step never makes a live worker's entries look stalled (a stopped process, or a
+    Redis it cannot reach, still does). The loop publishes what is in flight with
+    ``set_in_flight`` and collects what turned out lost with ``take_lost``."""
+
+    def __init__(self, reclaimer: Reclaimer, interval_s: float) -> None:
+        self.reclaimer = reclaimer
+        self.interval_s = interval_s
+        self._in_flight: tuple[tuple[str, bytes], ...] = ()
+        self._lost: set[tuple[str, bytes]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="toucher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.interval_s + 5.0)
+
+    def set_in_flight(self, in_flight: Iterable[tuple[str, bytes]]) -> None:
+        self._in_flight = tuple(in_flight)  # one reference swap: no lock needed
+
+    def take_lost(self) -> set[tuple[str, bytes]]:
+        with self._lock:
+            lost, self._lost = self._lost, set()
+        return lost
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            in_flight = self._in_flight
+            if not in_flight:
+                continue
+            try:
+                lost = self.reclaimer.touch(in_flight)
+            except redis.RedisError as exc:
+                logger.debug("touch failed (the loop reports Redis trouble): %s", exc)
+                continue
+            if lost:
+                with self._lock:
+                    self._lost |= lost

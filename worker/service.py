@@ -38,7 +38,7 @@ from worker.heartbeat import STATE_DRAINING, STATE_READY, WorkerStatus
 from worker.intake import Intake, IntakePolicy
 from worker.publisher import FlushResult, InFlight, Publisher
 from worker.reader import StreamEntry, StreamReader
-from worker.reclaimer import Reclaimer
+from worker.reclaimer import Reclaimer, Toucher
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +139,14 @@ class WorkerService:
         self._next_maintenance_at = 0.0
         self._next_cancel_check_at = 0.0
         self._maintenance_interval_s = maintenance_interval_s(settings.claim_idle_ms)
+        self.toucher = Toucher(self.reclaimer, self._maintenance_interval_s)
 
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until a shutdown signal and the drain that follows; returns the exit code."""
         backoff = Backoff()
+        self.toucher.start()
         try:
             while not self._should_exit():
                 try:
@@ -175,6 +177,7 @@ class WorkerService:
         if self.engine.has_unfinished():
             self._step()
         self._flush()
+        self.toucher.set_in_flight((job.stream, job.entry_id) for job in self.jobs.values())
 
     # --- one-job helpers ----------------------------------------------------------------
 
@@ -260,7 +263,8 @@ class WorkerService:
 
     def _maintain(self) -> None:
         self._next_maintenance_at = time.monotonic() + self._maintenance_interval_s
-        lost = self.reclaimer.touch((job.stream, job.entry_id) for job in self.jobs.values())
+        lost = self.toucher.take_lost()  # touched by its thread, also during long steps
+        lost |= self.reclaimer.touch((job.stream, job.entry_id) for job in self.jobs.values())
         for job in [job for job in self.jobs.values() if (job.stream, job.entry_id) in lost]:
             self._drop_lost(job)
         self.reclaimer.tidy()
@@ -315,6 +319,7 @@ class WorkerService:
 
     def _close(self) -> None:
         """Best effort: store what is finished, hand back what is not."""
+        self.toucher.stop()
         try:
             if not self.publisher.outbox.is_empty:
                 self.publisher.flush(self.client, [])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -129,6 +130,7 @@ def test_a_stalled_worker_that_lost_its_request_writes_nothing_more(
     submit(client, make_request("job-fence", max_tokens=num_tokens))
     events_key = KEYS.job_events("job-fence")
     wait_for(lambda: client.llen(events_key) >= 5)
+    stale.service.toucher.stop()  # the whole process stalls (GC pause, SIGSTOP, swap...)
     PAUSE.requested.set()
     wait_for(lambda: PAUSE.reached.is_set())
     num_stale_events = client.llen(events_key)
@@ -256,3 +258,29 @@ def test_model_info_has_the_kv_budget_and_the_heartbeat_reports_kv_use(
     assert client.hget(key, "kv_tokens_budget") == b"4096"
     wait_finished(client, "job-kv")
     wait_for(lambda: client.hget(key, "kv_tokens_used") == b"0")
+
+
+def test_a_step_longer_than_the_claim_idle_time_keeps_its_request(
+        factory: WorkerFactory, client: redis.Redis) -> None:
+    global PAUSE
+    PAUSE = Pause()
+    settings = {"claim_idle_ms": 400, "null_engine_tokens": 20}
+    busy = factory.start(step_delay_s=0.01, engine_class=PausedInStep,  # type: ignore[arg-type]
+                         **settings)
+    submit(client, make_request("job-long-step", max_tokens=20))
+    wait_for(lambda: client.llen(KEYS.job_events("job-long-step")) >= 3)
+    PAUSE.requested.set()
+    wait_for(lambda: PAUSE.reached.is_set())
+    factory.start(**settings)  # would claim an entry idle for 400 ms
+    stream = KEYS.requests_stream(MODEL)
+    try:
+        held_until = time.monotonic() + 1.5
+        while time.monotonic() < held_until:  # the step stalls for > 3 claim idle times
+            [entry] = client.xpending_range(stream, WORKER_GROUP, "-", "+", 10)
+            assert entry["consumer"] == busy.worker_id.encode()
+            time.sleep(0.05)
+    finally:
+        PAUSE.released.set()
+    result = wait_finished(client, "job-long-step")
+    assert (result["worker"], result["attempt"], result["completion_tokens"]) == (
+        busy.worker_id, "1", "20")
