@@ -172,14 +172,21 @@ class WorkerService:
         if not self.shutdown.is_requested and not self.inbox:
             self._read()
         if self.inbox:
+            self._publish_in_flight()
             self.intake.admit(self.inbox)
             self.inbox = []
+        self._publish_in_flight()  # before the step: it may outlast the claim idle time
         if self.engine.has_unfinished():
             self._step()
         self._flush()
-        self.toucher.set_in_flight((job.stream, job.entry_id) for job in self.jobs.values())
 
     # --- one-job helpers ----------------------------------------------------------------
+
+    def _publish_in_flight(self) -> None:
+        """Tell the toucher every entry we hold: admitted or still in the inbox."""
+        held = [(job.stream, job.entry_id) for job in self.jobs.values()]
+        held.extend((entry.stream, entry.entry_id) for entry in self.inbox)
+        self.toucher.set_in_flight(held)
 
     def _setup(self) -> None:
         self.reader.ensure_groups()
