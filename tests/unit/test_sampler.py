@@ -271,3 +271,14 @@ def test_sampling_on_cuda_matches_cpu() -> None:
     on_cpu = sampler.sample(logits, seqs, uniforms)
     on_gpu = sampler.sample(logits.to("cuda"), seqs, uniforms)
     assert on_gpu == on_cpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_engine_with_sampled_requests_runs_on_cuda() -> None:
+    engine = tiny_engine(tiny_llama(torch.float32).to("cuda"))
+    for i, p in enumerate(MIXED):
+        engine.add_request(EngineRequest(f"r{i}", [1, 4 + i, 9], SamplingParams(
+            max_tokens=6, ignore_eos=True, seed=i, **p)))  # type: ignore[arg-type]
+    got = _drain(engine)
+    assert sorted(got) == [f"r{i}" for i in range(len(MIXED))]
+    assert all(len(tokens) == 6 for tokens in got.values())
