@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     engine: Literal["hf", "null"] = "hf"  # "null": no model, emits dummy tokens (bus bench)
     null_engine_tokens: int = 16
+    null_engine_step_ms: float = 0.0  # simulated compute per null-engine step (soak tests)
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

@@ -36,6 +36,7 @@ def make_worker_id() -> str:
 def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
     if settings.engine == "null":
         engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens,
+                            settings.null_engine_step_ms / 1000,
                             kv_tokens_budget=settings.max_batch_tokens)
         return engine, null_model_info(settings.model_name, settings.max_batch_tokens)
     from worker.engine.factory import build_engine as build_hf_engine  # torch: only here
