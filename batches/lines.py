@@ -17,12 +17,12 @@ from pydantic import ValidationError
 from batches.input import InputLine
 from gateway.auth import Principal
 from gateway.errors import describe, validation_message
-from gateway.jobs import float_field, int_field, str_field
 from gateway.openai_format import Kind, OpenAIFormat, Outcome
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState
 from gateway.submit import ID_PREFIXES, Submission, prepare
 from shared.errors import InvalidRequestError, TokenfleetError
+from shared.job_record import float_field, int_field, str_field
 
 OUTPUT = b"o"  # first byte of a stored result: goes to the output file
 ERROR = b"e"  # goes to the error file

@@ -36,10 +36,10 @@ from batches.store import (
     VALIDATING,
 )
 from batches.validation import Validator
-from gateway.jobs import TERMINAL_STATUSES
 from gateway.state import GatewayState
 from gateway.submit import enqueue
 from shared.errors import InvalidRequestError, RateLimitedError
+from shared.job_record import TERMINAL_STATUSES
 
 logger = logging.getLogger("tokenfleet.batches")
 

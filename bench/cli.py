@@ -167,9 +167,11 @@ class Bench:
         from worker.model_store import resolve_model_path
 
         bundle = inprocess.load_bundle(self.settings, Path(resolve_model_path(self.settings)))
-        self.meta.update(dtype=str(bundle.loaded.dtype).removeprefix("torch."),
-                         parameters=bundle.num_parameters,
-                         matmul_gflops=round(inprocess.matmul_flops() / 1e9, 1))
+        loaded = bundle.loaded
+        dtype = str(loaded.dtype).removeprefix("torch.")
+        flops = inprocess.matmul_flops(loaded.dtype, loaded.device)
+        self.meta.update(dtype=dtype, parameters=bundle.num_parameters, matmul_dtype=dtype,
+                         matmul_gflops=round(flops / 1e9, 1))
         plan: list[tuple[str, System]] = [
             ("engine", inprocess.run_engine), ("naive", baselines.run_naive),
             ("static", baselines.run_static),
@@ -261,6 +263,7 @@ class Bench:
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)
+        self.meta.setdefault("matmul_dtype", None)
         self.meta["machine"] = machine()
         self.meta.update(foreign.stop())
         targets = [] if self.args.quick or self.is_open else compute_targets(self.runs, self.meta)

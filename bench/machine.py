@@ -32,16 +32,43 @@ def git_commit() -> str:
         return ""
 
 
+CAPABILITY_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
+                    "amx_bf16": "AMX"}
+
+
+def cpu_flags() -> set[str]:
+    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_capability() -> dict[str, Any]:
+    """What the CPU can do for the matmuls: its vector/matrix extensions from
+    ``/proc/cpuinfo``, the instruction set torch dispatches to (``ATEN_CPU_CAPABILITY`` can
+    lower it) and whether bf16 runs natively, as ``TOKENFLEET_DTYPE=auto`` decides it."""
+    from worker.engine.loader import cpu_has_bf16, torch_cpu_capability
+
+    flags = cpu_flags()
+    return {"cpu_flags": {name: flag in flags for flag, name in CAPABILITY_FLAGS.items()},
+            "torch_cpu_capability": torch_cpu_capability(), "cpu_bf16": cpu_has_bf16()}
+
+
 def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
-            "commit": git_commit(), "cpu_bf16": _has_flag("avx512_bf16") or _has_flag("amx_bf16")}
+            "commit": git_commit(), **cpu_capability()}
 
 
-def _has_flag(flag: str) -> bool:
-    try:
-        return flag in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+def capability_text(mach: dict[str, Any]) -> str:
+    """``AVX2 yes, AVX-512 yes, AVX512-BF16 no, AMX no; torch uses AVX2`` (report header)."""
+    flags = mach.get("cpu_flags") or {}
+    parts = [f"{name} {'yes' if flags.get(name) else 'no'}" for name in CAPABILITY_FLAGS.values()]
+    isa = mach.get("torch_cpu_capability")
+    return ", ".join(parts) + (f"; torch dispatches to {isa}" if isa else "")
 
 
 def _busy_seconds() -> float | None:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.machine import capability_text
 from bench.plot import plot
 
 COLUMNS = [
@@ -51,12 +52,20 @@ def _header(meta: dict[str, Any]) -> list[str]:
         f"{meta['model']} {meta['dtype']}",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {mach['cpus']} CPUs ({mach['cpu']}), commit `{mach['commit']}`; bf16 "
-        f"matmul measured at {meta['matmul_gflops']:.0f} GFLOP/s; model parameters "
-        f"{meta['parameters']:,}.  ",
+        f"Machine: {mach['cpus']} CPUs ({mach['cpu']}), commit `{mach['commit']}`.  ",
+        f"CPU: {capability_text(mach)}; native bf16 "
+        f"{'yes' if mach.get('cpu_bf16') else 'no'}.  ",
+        f"{_yardstick(meta)}; model parameters {meta['parameters']:,}.  ",
         f"Settings: {settings or 'n/a'}.  ",
         f"Other processes on the machine during the run: {noise}.",
     ]
+
+
+def _yardstick(meta: dict[str, Any]) -> str:
+    if not meta.get("matmul_gflops"):
+        return "Yardstick: not measured (no in-process system ran)"
+    return (f"Yardstick: {meta.get('matmul_dtype') or meta['dtype']} matmul measured at "
+            f"{meta['matmul_gflops']:.0f} GFLOP/s")
 
 
 def _cpu_table(runs: list[dict[str, Any]]) -> list[str]:

@@ -1,7 +1,8 @@
 """Job records (``Keys.job``) as the API shows them, and cancellation.
 
 The gateway writes a job when it enqueues the request (``gateway.submit``); the worker
-updates status, timings, counts and text. ``GET /v1/jobs/{id}`` reads the hash and the text
+updates status, timings, counts and text. Status values, field names and the cancel script
+are ``shared.job_record``'s. ``GET /v1/jobs/{id}`` reads the hash and the text
 in one round trip.
 """
 
@@ -14,47 +15,8 @@ import redis.asyncio as aioredis
 
 from gateway.auth import Principal
 from shared.errors import JobNotFoundError
+from shared.job_record import CANCEL_LUA, JobField, JobRecord
 from shared.keys import Keys
-
-STATUS_QUEUED = "queued"
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-
-# Set the cancel flag unless the job is already over; a job still queued is cancelled on
-# the spot (the worker that later reads it sees the flag and skips it).
-_CANCEL_LUA = """
-local owner = redis.call('HGET', KEYS[1], 'owner')
-if (not owner) or owner ~= ARGV[3] then return 0 end
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' or status == 'running' then
-  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
-end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[2],
-             'finish_reason', 'cancelled')
-end
-return 1
-"""
-
-
-def str_field(fields: dict[bytes, bytes], name: str) -> str | None:
-    value = fields.get(name.encode())
-    return None if value is None else value.decode("utf-8", "replace")
-
-
-def int_field(fields: dict[bytes, bytes], name: str) -> int | None:
-    value = fields.get(name.encode())
-    try:
-        return None if value is None else int(value)
-    except ValueError:
-        return None
-
-
-def float_field(fields: dict[bytes, bytes], name: str) -> float | None:
-    value = fields.get(name.encode())
-    try:
-        return None if value is None or value == b"" else float(value)
-    except ValueError:
-        return None
 
 
 def _since(start: float | None, end: float | None) -> float | None:
@@ -63,31 +25,29 @@ def _since(start: float | None, end: float | None) -> float | None:
 
 def job_view(job_id: str, fields: dict[bytes, bytes], text: str | None) -> dict[str, Any]:
     """The JSON body of ``GET /v1/jobs/{id}``."""
-    created = float_field(fields, "created_at")
-    started = float_field(fields, "started_at")
-    first_token = float_field(fields, "first_token_at")
-    finished = float_field(fields, "finished_at")
+    record = JobRecord.from_hash(fields)
+    created = record.created_at
     return {
         "id": job_id,
         "object": "job",
-        "status": str_field(fields, "status"),
-        "model": str_field(fields, "model"),
-        "kind": str_field(fields, "kind"),
-        "lane": str_field(fields, "lane"),
+        "status": record.status,
+        "model": record.model,
+        "kind": record.kind,
+        "lane": record.lane,
         "text": text,
-        "prompt_tokens": int_field(fields, "prompt_tokens"),
-        "completion_tokens": int_field(fields, "completion_tokens"),
-        "max_tokens": int_field(fields, "max_tokens"),
-        "finish_reason": str_field(fields, "finish_reason") or None,
-        "error": str_field(fields, "error") or None,
-        "worker": str_field(fields, "worker") or None,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "max_tokens": record.max_tokens,
+        "finish_reason": record.finish_reason,
+        "error": record.error,
+        "worker": record.worker,
         "created_at": created,
-        "started_at": started,
-        "finished_at": finished,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
         "timings": {
-            "queue_s": _since(created, started),
-            "ttft_s": _since(created, first_token),
-            "total_s": _since(created, finished),
+            "queue_s": _since(created, record.started_at),
+            "ttft_s": _since(created, record.first_token_at),
+            "total_s": _since(created, record.finished_at),
         },
     }
 
@@ -97,7 +57,7 @@ class JobStore:
         self._redis = redis
         self._keys = keys
         self._job_ttl_s = job_ttl_s
-        self._cancel = redis.register_script(_CANCEL_LUA)
+        self._cancel = redis.register_script(CANCEL_LUA)
 
     async def fields(self, job_id: str, principal: Principal) -> dict[bytes, bytes]:
         """The job hash; ``JobNotFoundError`` if unknown or someone else's."""
@@ -128,5 +88,6 @@ class JobStore:
 
     @staticmethod
     def _check(job_id: str, fields: dict[bytes, bytes], principal: Principal) -> None:
-        if not fields or fields.get(b"owner", b"").decode() != principal.owner:
+        owner = fields.get(JobField.OWNER.encode(), b"").decode() if fields else None
+        if owner != principal.owner:
             raise JobNotFoundError(f"job {job_id!r} not found")

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway.events import Mailbox
-from gateway.jobs import STATUS_QUEUED, TERMINAL_STATUSES, int_field, str_field
 from shared.errors import ProtocolError
+from shared.job_record import STATUS_QUEUED, TERMINAL_STATUSES, int_field, str_field
 from shared.keys import Keys
 from shared.protocol import (
     EVENT_DONE,

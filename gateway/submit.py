@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.auth import Principal
-from gateway.jobs import STATUS_QUEUED
 from gateway.openai_format import Kind
 from gateway.schemas import ChatMessage, GenerationParams
 from gateway.state import GatewayState
@@ -33,6 +32,7 @@ from gateway.validate import (
     stop_sequences,
 )
 from shared.errors import InvalidRequestError, RateLimitedError, ServiceUnavailableError
+from shared.job_record import STATUS_QUEUED, JobRecord
 from shared.protocol import GenerateRequest, pack
 
 ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl", "completion": "cmpl", "job": "job"}
@@ -59,18 +59,12 @@ class Submission:
 
     def job_fields(self, gateway_id: str) -> dict[str, str]:
         request = self.request
-        return {
-            "status": STATUS_QUEUED,
-            "model": request.model,
-            "owner": request.owner,
-            "kind": self.kind,
-            "lane": request.lane,
-            "stream": "1" if self.stream else "0",
-            "created_at": repr(request.created_at),
-            "prompt_tokens": str(self.num_prompt_tokens),
-            "max_tokens": str(request.params.max_tokens),
-            "gateway": gateway_id,
-        }
+        return JobRecord(
+            status=STATUS_QUEUED, model=request.model, owner=request.owner, kind=self.kind,
+            lane=request.lane, stream=self.stream, created_at=request.created_at,
+            prompt_tokens=self.num_prompt_tokens, max_tokens=request.params.max_tokens,
+            gateway=gateway_id,
+        ).to_mapping()
 
 
 async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal, *,

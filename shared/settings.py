@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
     engine: Literal["hf", "null"] = "hf"  # "null": no model, emits dummy tokens (bus bench)
     null_engine_tokens: int = 16
-    null_engine_step_ms: float = 0.0  # simulated compute per null-engine step (autoscaling)
+    null_engine_step_ms: float = 0.0  # simulated compute per null-engine step (soak tests)
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch
@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     max_messages: int = 256
 
     # --- Queue, jobs, liveness ---------------------------------------------------------
-    job_ttl_s: int = 86_400
+    job_ttl_s: int = 86_400  # a job's hash and text live this long after it finishes
+    events_ttl_s: int = 300  # its per-token event list only this long (the replay window)
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 10.0
     claim_idle_ms: int = 30_000  # pending this long with no progress -> another worker claims
@@ -115,6 +116,8 @@ class Settings(BaseSettings):
                              "TOKENFLEET_SCALE_TARGET_REQUESTS >= 1")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")
+        if not 1 <= self.events_ttl_s <= self.job_ttl_s:
+            raise ValueError("TOKENFLEET_EVENTS_TTL_S must be >= 1 and <= TOKENFLEET_JOB_TTL_S")
         if self.max_batch_tokens < self.max_prefill_tokens:
             raise ValueError(
                 "TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")

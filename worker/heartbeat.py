@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import redis
 
 from shared.keys import Keys
+from worker.engine.types import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,16 @@ class WorkerStatus:
     is_warm: bool = False
     num_running: int = 0
     num_waiting: int = 0
+    kv_tokens_used: int = 0  # KV-cache tokens the engine holds now
+    kv_tokens_budget: int = 0  # its budget (TOKENFLEET_MAX_BATCH_TOKENS)
     started_at: float = field(default_factory=time.time)
+
+    def update(self, stats: EngineStats) -> None:
+        """Take the engine's numbers after a step."""
+        self.num_running = stats.num_running
+        self.num_waiting = stats.num_waiting
+        self.kv_tokens_used = stats.kv_tokens_used
+        self.kv_tokens_budget = stats.kv_tokens_budget
 
     def to_mapping(self) -> dict[str, str]:
         return {
@@ -46,6 +56,8 @@ class WorkerStatus:
             "dtype": self.dtype,
             "batch_size": str(self.num_running),
             "waiting": str(self.num_waiting),
+            "kv_tokens_used": str(self.kv_tokens_used),
+            "kv_tokens_budget": str(self.kv_tokens_budget),
             "warm": "1" if self.is_warm else "0",
             "started_at": f"{self.started_at:.3f}",
             "state": self.state,
@@ -67,10 +79,6 @@ class Heartbeat:
 
     def start(self) -> None:
         self._thread.start()
-
-    def beat_soon(self) -> None:
-        """Write now rather than at the next tick (e.g. after a state change)."""
-        self._wake.set()
 
     def stop(self, *, deregister: bool = True) -> None:
         """Stop the thread; on a clean exit remove this worker from the fleet right away."""

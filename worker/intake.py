@@ -1,8 +1,10 @@
 """Deciding what to do with each delivered entry: serve, skip, or dead-letter.
 
-One round trip per batch of entries (cancel flags, and the event count of reclaimed jobs so
-their new events continue the sequence); everything else is queued on the publisher's
-outbox. Nothing here raises on a bad entry: malformed ones go to the dead-letter stream.
+One round trip per batch of entries: each decoded request begins a new attempt
+(``BEGIN_ATTEMPT_LUA``: the job's attempt number, which fences off any earlier worker, its
+cancel flag, and its stored event count so a retry's events continue the sequence);
+everything else is queued on the publisher's outbox. Nothing here raises on a bad entry:
+malformed ones go to the dead-letter stream.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import redis
 
 from shared.errors import ProtocolError
+from shared.job_record import BEGIN_ATTEMPT_LUA
 from shared.keys import Keys
 from shared.protocol import GenerateRequest, unpack_request
 from worker.engine.types import Engine, EngineRequest
@@ -35,17 +39,19 @@ class Decoded:
 
 
 @dataclass(slots=True)
-class JobLookup:
-    """What Redis says about a decoded request before it is admitted."""
+class Attempt:
+    """What ``BEGIN_ATTEMPT_LUA`` answered for one delivery."""
 
-    is_cancelled: bool = False
-    num_events: int = 0  # events already stored (a reclaimed job continues from here)
+    number: int  # this delivery's attempt: every write for it is fenced by this number
+    num_events: int  # events already stored (a retried job continues from here)
+    is_cancelled: bool
 
 
 @dataclass(frozen=True, slots=True)
 class IntakePolicy:
     max_deliveries: int
     request_timeout_s: float | None  # default deadline after created_at
+    job_ttl_s: int  # for a job hash that has none (a request queued without one)
 
 
 def decode_entry(entry: StreamEntry) -> Decoded:
@@ -87,57 +93,79 @@ class Intake:
         self.publisher = publisher
         self.jobs = jobs  # shared with the loop: the requests in the engine
         self.policy = policy
+        self._begin_script: Any = None  # BEGIN_ATTEMPT_LUA, registered on first use
         self.on_admitted: Callable[[GenerateRequest], None] | None = None  # metrics
 
     def admit(self, entries: list[StreamEntry]) -> int:
         """Hand the servable entries to the engine; returns how many were admitted.
 
-        The only Redis call is the lookup, made before any state changes, so a connection
-        error leaves nothing half-done and the caller can retry with the same entries.
+        The only Redis call is the attempts' transaction, made before any state changes here,
+        so an error (connection, OOM...) leaves nothing half-done and the caller retries with
+        the same entries (a retry begins a higher attempt, which is harmless).
         """
         decoded = [decode_entry(entry) for entry in entries]
-        lookups = self._lookup(decoded)
+        fresh: dict[str, Decoded] = {}  # by request id: one attempt per request
+        for item in decoded:
+            request = item.request
+            if request is None or self._is_copy(item.entry, request, fresh):
+                continue
+            fresh[request.id] = item
+        attempts = self._begin(list(fresh.values()))
         now_s = time.time()
         admitted = 0
+        for item in fresh.values():
+            assert item.request is not None
+            admitted += self._admit_one(item.entry, item.request,
+                                        attempts[item.entry.entry_id], now_s)
         for item in decoded:
             if item.request is None:
                 self._reject(item.entry, item.problem or "undecodable")
-            else:
-                admitted += self._admit_one(item.entry, item.request,
-                                            lookups[item.entry.entry_id], now_s)
         return admitted
 
-    def _lookup(self, decoded: list[Decoded]) -> dict[bytes, JobLookup]:
-        items = [(d.entry, d.request) for d in decoded if d.request is not None]
-        if not items:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        pipe.mget([self.keys.cancel(request.id) for _, request in items])
-        reclaimed = [(entry, request) for entry, request in items if entry.is_reclaimed]
-        for _, request in reclaimed:
-            pipe.llen(self.keys.job_events(request.id))
-        flags, *counts = pipe.execute()
-        lookups = {entry.entry_id: JobLookup(is_cancelled=flag is not None)
-                   for (entry, _), flag in zip(items, flags, strict=True)}
-        for (entry, _), count in zip(reclaimed, counts, strict=True):
-            lookups[entry.entry_id].num_events = int(count)
-        return lookups
+    def _is_copy(self, entry: StreamEntry, request: GenerateRequest,
+                 batch: dict[str, Decoded]) -> bool:
+        """A request already in flight here or earlier in this batch: our own entry again
+        (keep serving it), or a second entry with the same id (acknowledged and dropped)."""
+        job = self.jobs.get(request.id)
+        earlier = batch.get(request.id)
+        if job is not None:
+            held = (job.stream, job.entry_id)
+        elif earlier is not None:
+            held = (earlier.entry.stream, earlier.entry.entry_id)
+        else:
+            return False
+        if held != (entry.stream, entry.entry_id):
+            logger.warning("request %s delivered again while in flight; dropping the copy",
+                           request.id)
+            self.publisher.ack(entry.stream, entry.entry_id)
+        return True
 
-    def _admit_one(self, entry: StreamEntry, request: GenerateRequest, lookup: JobLookup,
+    def _begin(self, decoded: list[Decoded]) -> dict[bytes, Attempt]:
+        if not decoded:
+            return {}
+        if self._begin_script is None:
+            self._begin_script = self.client.register_script(BEGIN_ATTEMPT_LUA)
+        pipe = self.client.pipeline(transaction=True)
+        for item in decoded:
+            assert item.request is not None
+            job_id = item.request.id
+            self._begin_script(keys=[self.keys.job(job_id), self.keys.job_events(job_id),
+                                     self.keys.cancel(job_id)],
+                               args=[self.policy.job_ttl_s], client=pipe)
+        replies = pipe.execute()
+        return {item.entry.entry_id: Attempt(int(number), int(num_events), bool(flag))
+                for item, (number, num_events, flag) in zip(decoded, replies, strict=True)}
+
+    def _admit_one(self, entry: StreamEntry, request: GenerateRequest, attempt: Attempt,
                    now_s: float) -> int:
         job = InFlight(id=request.id, stream=entry.stream, entry_id=entry.entry_id,
                        reply_channel=request.reply_channel,
                        num_prompt_tokens=len(request.prompt_token_ids),
-                       next_seq=lookup.num_events)
-        if request.id in self.jobs:
-            logger.warning("request %s delivered again while in flight; dropping the copy",
-                           request.id)
-            self.publisher.ack(entry.stream, entry.entry_id)
-            return 0
+                       attempt=attempt.number, next_seq=attempt.num_events)
         if entry.deliveries > self.policy.max_deliveries:
             self._give_up(entry, job)
             return 0
-        if lookup.is_cancelled:
+        if attempt.is_cancelled:
             self.publisher.finish(job, "cancelled")
             return 0
         deadline = effective_deadline(request, self.policy.request_timeout_s)
@@ -152,7 +180,7 @@ class Intake:
             self.publisher.finish(job, "error", error=str(exc))
             return 0
         self.jobs[request.id] = job
-        self.publisher.start(job, is_restart=entry.is_reclaimed)
+        self.publisher.start(job, is_restart=attempt.num_events > 0)
         if self.on_admitted is not None:
             self.on_admitted(request)
         return 1

@@ -41,8 +41,9 @@ def build_engine(settings: Settings,
                  clock: StartupClock | None = None) -> tuple[Engine, ModelInfo]:
     if settings.engine == "null":
         engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens,
-                            step_delay_s=settings.null_engine_step_ms / 1000)
-        return engine, null_model_info(settings.model_name)
+                            settings.null_engine_step_ms / 1000,
+                            kv_tokens_budget=settings.max_batch_tokens)
+        return engine, null_model_info(settings.model_name, settings.max_batch_tokens)
     from worker.engine.factory import build_engine as build_hf_engine  # torch: only here
 
     if clock is not None:

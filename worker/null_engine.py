@@ -55,10 +55,12 @@ class NullEngine:
     can check that requests read in one coalescing window reached the engine together.
     """
 
-    def __init__(self, max_batch_size: int, num_tokens: int, step_delay_s: float = 0.0) -> None:
+    def __init__(self, max_batch_size: int, num_tokens: int, step_delay_s: float = 0.0, *,
+                 kv_tokens_budget: int = 0) -> None:
         self.max_batch_size = max_batch_size
         self.num_tokens = num_tokens
         self.step_delay_s = step_delay_s  # simulated compute per step
+        self.kv_tokens_budget = kv_tokens_budget  # reported only: the null engine has no cache
         self.admissions: deque[list[str]] = deque(maxlen=ADMISSION_HISTORY)
         self._running: dict[str, _NullSequence] = {}
         self._added_since_step: list[str] = []
@@ -96,7 +98,10 @@ class NullEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self._running), steps=self._num_steps)
+        kv_used = sum(len(seq.request.prompt_token_ids) + seq.num_output_tokens
+                      for seq in self._running.values())
+        return EngineStats(num_running=len(self._running), kv_tokens_used=kv_used,
+                           kv_tokens_budget=self.kv_tokens_budget, steps=self._num_steps)
 
     def _advance(self, seq: _NullSequence) -> RequestOutput:
         num_prompt = len(seq.request.prompt_token_ids)
@@ -150,7 +155,8 @@ def build_null_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def null_model_info(name: str) -> ModelInfo:
+def null_model_info(name: str, max_batch_tokens: int = 0) -> ModelInfo:
+    """The null model's info; ``max_batch_tokens``: the worker's KV budget (0: unknown)."""
     tokenizer = build_null_tokenizer()
     return ModelInfo(
         name=name,
@@ -162,4 +168,5 @@ def null_model_info(name: str) -> ModelInfo:
         eos_token_ids=[IM_END_ID],
         quantization="none",
         dtype="none",
+        max_batch_tokens=max_batch_tokens,
     )

@@ -2,9 +2,12 @@
 
 Everything a loop turn wants written (start records, events, text, final job state,
 dead letters, acknowledgements) is collected in an ``Outbox`` in memory and written by
-``flush`` in one ``MULTI``/``EXEC`` round trip, acks last, so a request is acknowledged
-exactly when its result is stored. If Redis is unreachable the outbox is kept and the next
-``flush`` writes it (events keep their order; delivery is at-least-once).
+``flush`` in one ``MULTI``/``EXEC`` round trip. A job's writes (events, text, record, the
+ack of its entry) go through ``WRITE_JOB_LUA`` and its live events through
+``PUBLISH_JOB_EVENTS_LUA`` (one message per gateway channel), both fenced by the job's
+attempt: a worker that lost a request to another one writes nothing more for it, and
+``flush`` reports the job as lost. If Redis is unreachable or refuses writes the outbox is
+kept and the next ``flush`` writes it (events keep their order; delivery is at-least-once).
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from typing import Any, Protocol
 import msgpack
 import redis
 
+from shared.job_record import (
+    PUBLISH_JOB_EVENTS_LUA,
+    STATUS_RUNNING,
+    WRITE_JOB_LUA,
+    WRITE_NO_ACK,
+    JobRecord,
+    status_for_finish,
+)
 from shared.keys import WORKER_GROUP, Keys
 from shared.protocol import (
     EVENT_DONE,
@@ -31,15 +42,7 @@ from worker.engine.types import RequestOutput
 
 logger = logging.getLogger(__name__)
 
-JOB_STATUS_BY_FINISH = {
-    "stop": "succeeded",
-    "length": "succeeded",
-    "cancelled": "cancelled",
-    "error": "failed",
-    "timeout": "failed",
-}
-
-JobFields = dict[str, str | int | float]
+WRITE_FENCED = -1  # WRITE_JOB_LUA's answer when another attempt owns the job
 
 
 class PublishObserver(Protocol):
@@ -53,13 +56,15 @@ class PublishObserver(Protocol):
 
 @dataclass(slots=True)
 class InFlight:
-    """A request this worker took: where to ack it, where to publish, its event order."""
+    """A request this worker took: its attempt, where to ack it, where to publish, its
+    event order."""
 
     id: str
     stream: str
     entry_id: bytes
     reply_channel: str
     num_prompt_tokens: int
+    attempt: int = 0  # from BEGIN_ATTEMPT_LUA; 0: never begun (a salvaged malformed entry)
     next_seq: int = 0
     is_abort_sent: bool = False
 
@@ -67,6 +72,19 @@ class InFlight:
         seq = self.next_seq
         self.next_seq += 1
         return seq
+
+
+@dataclass(slots=True)
+class JobWrites:
+    """What the next flush writes for one attempt of one job."""
+
+    job: InFlight
+    events: list[TokenEvent] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    is_start: bool = False
+    is_finish: bool = False
+    is_ack: bool = False
 
 
 @dataclass(slots=True)
@@ -78,31 +96,26 @@ class DeadLetter:
 class Outbox:
     """Writes waiting for the next flush."""
 
-    starts: list[tuple[str, JobFields]] = field(default_factory=list)
-    events: list[tuple[str, TokenEvent]] = field(default_factory=list)  # (channel, event)
-    texts: dict[str, list[str]] = field(default_factory=dict)
-    finishes: list[tuple[str, JobFields]] = field(default_factory=list)
+    jobs: dict[tuple[str, int], JobWrites] = field(default_factory=dict)  # (id, attempt)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    acks: list[tuple[str, bytes]] = field(default_factory=list)
+    acks: list[tuple[str, bytes]] = field(default_factory=list)  # entries no job owns
 
     @property
     def is_empty(self) -> bool:
-        return not (self.starts or self.events or self.texts or self.finishes
-                    or self.dead_letters or self.acks)
+        return not (self.jobs or self.dead_letters or self.acks)
+
+    def writes(self, job: InFlight) -> JobWrites:
+        key = (job.id, job.attempt)
+        writes = self.jobs.get(key)
+        if writes is None:
+            writes = self.jobs[key] = JobWrites(job)
+        return writes
 
 
-# Append a job's events and text once: a transaction whose reply was lost (Redis went away
-# right after EXEC) is sent again by the retry, and must not store its events twice. The
-# event list's length is the next seq; a list already past this batch's first seq has it.
-# A shorter list (Redis lost data) still gets the events. On a (re)start the text resets.
-# KEYS: events list, text. ARGV: first seq, reset text (0/1), ttl, text, packed events...
-APPEND_ONCE = """
-if redis.call('LLEN', KEYS[1]) > tonumber(ARGV[1]) then return 0 end
-if ARGV[2] == '1' then redis.call('SET', KEYS[2], '', 'EX', ARGV[3]) end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
-if #ARGV[4] > 0 then redis.call('APPEND', KEYS[2], ARGV[4]) end
-return 1
-"""
+@dataclass(slots=True)
+class FlushResult:
+    cancelled: set[str] = field(default_factory=set)  # cancel flag set (of the watched ids)
+    lost: set[tuple[str, int]] = field(default_factory=set)  # (id, attempt) fenced off
 
 
 def pack_event_batch(packed_events: list[bytes]) -> bytes:
@@ -112,27 +125,30 @@ def pack_event_batch(packed_events: list[bytes]) -> bytes:
 
 
 class Publisher:
-    def __init__(self, keys: Keys, model: str, worker_id: str, job_ttl_s: int,
-                 stream_maxlen: int) -> None:
+    def __init__(self, keys: Keys, model: str, worker_id: str, *, job_ttl_s: int,
+                 events_ttl_s: int, stream_maxlen: int) -> None:
         self.keys = keys
         self.worker_id = worker_id
         self.job_ttl_s = job_ttl_s
+        self.events_ttl_s = events_ttl_s
         self.stream_maxlen = stream_maxlen
         self.dead_letter_stream = keys.dead_letter_stream(model)
         self.outbox = Outbox()
-        self._append: Any = None  # the APPEND_ONCE script, registered on the first flush
+        self._write_script: Any = None  # WRITE_JOB_LUA, registered on the first flush
+        self._publish_script: Any = None  # PUBLISH_JOB_EVENTS_LUA
         self.observer: PublishObserver | None = None  # metrics: every finish, dead letter
 
     # --- queueing writes ----------------------------------------------------------------
 
     def start(self, job: InFlight, *, is_restart: bool = False) -> None:
-        """status -> running; a ``restart`` event first when another worker had it before."""
+        """status -> running; a ``restart`` event first when an earlier attempt wrote any."""
         if is_restart:
             self._event(job, EVENT_RESTART)
         self._event(job, EVENT_START, prompt_tokens=job.num_prompt_tokens)
-        self.outbox.starts.append((job.id, {
-            "status": "running", "started_at": time.time(), "worker": self.worker_id,
-        }))
+        writes = self.outbox.writes(job)
+        writes.is_start = True
+        self._record(writes, JobRecord(status=STATUS_RUNNING, started_at=time.time(),
+                                       worker=self.worker_id))
 
     def emit(self, job: InFlight, out: RequestOutput) -> None:
         """Events (and, when finished, the final job state and the ack) for one output."""
@@ -140,7 +156,9 @@ class Publisher:
             self._event(job, EVENT_TOKEN, text=out.text_delta, token_ids=list(out.new_token_ids),
                         completion_tokens=out.num_output_tokens)
             if out.text_delta:
-                self.outbox.texts.setdefault(job.id, []).append(out.text_delta)
+                self.outbox.writes(job).text.append(out.text_delta)
+        if out.first_token:
+            self._record(self.outbox.writes(job), JobRecord(first_token_at=time.time()))
         if not out.finished:
             return
         reason = out.finish_reason or "stop"
@@ -159,21 +177,16 @@ class Publisher:
         is_error = error is not None and finish_reason in ("error", "timeout")
         self._event(job, EVENT_ERROR if is_error else EVENT_DONE, finish_reason=finish_reason,
                     prompt_tokens=prompt_tokens, completion_tokens=num_output_tokens, error=error)
-        fields: JobFields = {
-            "status": JOB_STATUS_BY_FINISH.get(finish_reason, "failed"),
-            "finished_at": time.time(),
-            "finish_reason": finish_reason,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": num_output_tokens,
-        }
-        if error is not None:
-            fields["error"] = error
-        self.outbox.finishes.append((job.id, fields))
+        writes = self.outbox.writes(job)
+        writes.is_finish = True
+        writes.is_ack = ack
+        self._record(writes, JobRecord(
+            status=status_for_finish(finish_reason), finished_at=time.time(),
+            finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+            completion_tokens=num_output_tokens, error=error))
         if self.observer is not None:
             self.observer.on_finished(job.id, finish_reason, num_output_tokens=num_output_tokens,
                                       num_prompt_tokens=prompt_tokens)
-        if ack:
-            self.outbox.acks.append((job.stream, job.entry_id))
 
     def dead_letter(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
                     reason: str) -> None:
@@ -186,6 +199,7 @@ class Publisher:
             self.observer.on_dead_lettered()
 
     def ack(self, stream: str, entry_id: bytes) -> None:
+        """Acknowledge an entry no job of ours owns (a duplicate copy)."""
         self.outbox.acks.append((stream, entry_id))
 
     def _event(self, job: InFlight, kind: str, *, text: str = "",
@@ -197,46 +211,66 @@ class Publisher:
             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, error=error,
         )
-        self.outbox.events.append((job.reply_channel, event))
+        self.outbox.writes(job).events.append(event)
+
+    @staticmethod
+    def _record(writes: JobWrites, update: JobRecord) -> None:
+        writes.fields.update(update.to_mapping())
 
     # --- writing ------------------------------------------------------------------------
 
-    def flush(self, client: redis.Redis, cancel_watch: list[str]) -> set[str]:
-        """Write the outbox in one transaction; return the ids in ``cancel_watch`` whose
-        cancel key is set (checked in the same round trip). Keeps the outbox on
-        connection errors."""
+    def flush(self, client: redis.Redis, cancel_watch: list[str]) -> FlushResult:
+        """Write the outbox in one transaction; report the ids in ``cancel_watch`` whose
+        cancel key is set (read in the same round trip) and the jobs found lost. Keeps the
+        outbox when the transaction is not run (connection errors, OOM, READONLY...)."""
         if self.outbox.is_empty and not cancel_watch:
-            return set()
-        if self._append is None:
-            self._append = client.register_script(APPEND_ONCE)
+            return FlushResult()
+        if self._write_script is None:
+            self._write_script = client.register_script(WRITE_JOB_LUA)
+            self._publish_script = client.register_script(PUBLISH_JOB_EVENTS_LUA)
+        box = self.outbox
         pipe = client.pipeline(transaction=True)
-        self._write(pipe, self.outbox)
+        packed = self._write_jobs(pipe, box)
+        self._publish(pipe, box, packed)
+        self._write_plain(pipe, box)
         if cancel_watch:
             pipe.mget([self.keys.cancel(job_id) for job_id in cancel_watch])
         results = pipe.execute(raise_on_error=False)
         self.outbox = Outbox()
-        for result in results:
-            if isinstance(result, Exception):
-                logger.error("a result write failed: %s", result)
-        flags = results[-1] if cancel_watch else []
-        if isinstance(flags, Exception):
-            return set()
-        return {job_id for job_id, flag in zip(cancel_watch, flags, strict=True) if flag}
+        return self._result(box, results, cancel_watch)
 
-    def _write(self, pipe: redis.client.Pipeline, box: Outbox) -> None:
-        ttl_s = self.job_ttl_s
-        for job_id, fields in box.starts:
-            pipe.hset(self.keys.job(job_id), mapping=fields)
-            pipe.expire(self.keys.job(job_id), ttl_s)
-        self._write_events(pipe, box)
-        for job_id, _ in box.starts:
-            pipe.expire(self.keys.job_events(job_id), ttl_s)
-            pipe.expire(self.keys.job_text(job_id), ttl_s)
-        for job_id, fields in box.finishes:
-            pipe.hset(self.keys.job(job_id), mapping=fields)
-            for key in (self.keys.job(job_id), self.keys.job_text(job_id),
-                        self.keys.job_events(job_id)):
-                pipe.expire(key, ttl_s)
+    def _write_jobs(self, pipe: redis.client.Pipeline,
+                    box: Outbox) -> dict[tuple[str, int], list[bytes]]:
+        packed_by_job: dict[tuple[str, int], list[bytes]] = {}
+        for key, writes in box.jobs.items():
+            job = writes.job
+            packed = packed_by_job[key] = [pack(event) for event in writes.events]
+            first_seq = writes.events[0].seq if writes.events else job.next_seq
+            items = [part for pair in writes.fields.items() for part in pair]
+            ack_id = job.entry_id if writes.is_ack else WRITE_NO_ACK
+            keys = [self.keys.job(job.id), self.keys.job_events(job.id),
+                    self.keys.job_text(job.id), self.keys.cancel(job.id), job.stream]
+            args = [job.attempt, first_seq, int(writes.is_start), int(writes.is_finish),
+                    self.job_ttl_s, self.events_ttl_s, WORKER_GROUP, ack_id,
+                    "".join(writes.text), len(items), *items, *packed]
+            self._write_script(keys=keys, args=args, client=pipe)
+        return packed_by_job
+
+    def _publish(self, pipe: redis.client.Pipeline, box: Outbox,
+                 packed_by_job: dict[tuple[str, int], list[bytes]]) -> None:
+        by_channel: dict[str, tuple[list[str], list[Any]]] = {}
+        for key, writes in box.jobs.items():
+            channel = writes.job.reply_channel
+            packed = packed_by_job[key]
+            if not channel or not packed:
+                continue
+            keys, args = by_channel.setdefault(channel, ([], [channel]))
+            keys.append(self.keys.job(writes.job.id))
+            args.extend([writes.job.attempt, len(packed), *packed])
+        for keys, args in by_channel.values():
+            self._publish_script(keys=keys, args=args, client=pipe)
+
+    def _write_plain(self, pipe: redis.client.Pipeline, box: Outbox) -> None:
         for dead in box.dead_letters:
             raw: dict[Any, Any] = dead.fields
             pipe.xadd(self.dead_letter_stream, raw, maxlen=self.stream_maxlen,
@@ -244,22 +278,17 @@ class Publisher:
         for stream, entry_id in box.acks:
             pipe.xack(stream, WORKER_GROUP, entry_id)
 
-    def _write_events(self, pipe: redis.client.Pipeline, box: Outbox) -> None:
-        by_job: dict[str, list[bytes]] = {}
-        by_channel: dict[str, list[bytes]] = {}
-        for channel, event in box.events:
-            packed = pack(event)
-            by_job.setdefault(event.id, []).append(packed)
-            if channel:
-                by_channel.setdefault(channel, []).append(packed)
-        first_seq = {}
-        for _, event in box.events:
-            first_seq.setdefault(event.id, event.seq)
-        restarted = {job_id for job_id, _ in box.starts}
-        for job_id, packed_events in by_job.items():
-            text = "".join(box.texts.get(job_id, ()))
-            self._append(keys=[self.keys.job_events(job_id), self.keys.job_text(job_id)],
-                         args=[first_seq[job_id], int(job_id in restarted), self.job_ttl_s,
-                               text, *packed_events], client=pipe)
-        for channel, packed_events in by_channel.items():
-            pipe.publish(channel, pack_event_batch(packed_events))
+    @staticmethod
+    def _result(box: Outbox, results: list[Any], cancel_watch: list[str]) -> FlushResult:
+        result = FlushResult()
+        for writes, reply in zip(box.jobs.values(), results, strict=False):
+            if reply == WRITE_FENCED:
+                result.lost.add((writes.job.id, writes.job.attempt))
+        for reply in results:
+            if isinstance(reply, Exception):
+                logger.error("a result write failed: %s", reply)
+        flags = results[-1] if cancel_watch else []
+        if not isinstance(flags, Exception):
+            result.cancelled = {job_id for job_id, flag in zip(cancel_watch, flags, strict=True)
+                                if flag}
+        return result

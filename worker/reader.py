@@ -52,7 +52,6 @@ class StreamEntry:
     entry_id: bytes
     fields: dict[bytes, bytes]
     deliveries: int = 1  # how many times the group has delivered it, this time included
-    is_reclaimed: bool = False  # taken over from another consumer (XCLAIM)
 
 
 def _fields_from_flat(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -10,9 +10,12 @@
 5. one transaction: publish events, store text and results, XACK finished requests, and
    read the cancel flags of running requests (aborted before the next step).
 
-Per step that is at most two round trips (the read and the transaction). Redis errors
-back off exponentially and keep all engine state; SIGTERM/SIGINT stop reading and let the
-engine finish for up to ``drain_timeout_s`` (a second signal stops at once).
+Per step that is at most two round trips (the read and the transaction). Every write for a
+request is fenced by its attempt (``shared.job_record``): when the transaction or the touch
+says another worker now owns a request, it is aborted here and written no more. Redis
+errors (down, OOM, READONLY, MISCONF) back off exponentially and keep all engine state;
+SIGTERM/SIGINT stop reading and let the engine finish for up to ``drain_timeout_s`` (a
+second signal stops at once).
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ import redis
 
 from shared.keys import Keys
 from shared.model_info import ModelInfo
-from shared.redis_conn import sync_client
+from shared.redis_conn import RedisRefusal, refusal, sync_client
 from shared.settings import Settings
 from worker.engine.types import Engine
 from worker.heartbeat import STATE_DRAINING, STATE_READY, WorkerStatus
 from worker.intake import Intake, IntakePolicy
 from worker.metrics import WorkerMetrics
-from worker.publisher import InFlight, Publisher
+from worker.publisher import FlushResult, InFlight, Publisher
 from worker.reader import StreamEntry, StreamReader
-from worker.reclaimer import Reclaimer
+from worker.reclaimer import Reclaimer, Toucher
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,13 @@ class Backoff:
         self.delay_s = FIRST_BACKOFF_S
 
 
+def short_reason(exc: redis.RedisError) -> str:
+    """Redis's own words, without redis-py's echo of a pipeline's (binary) command."""
+    message = str(exc)
+    _, marker, reason = message.partition("caused error: ")
+    return (reason if marker else message)[:200]
+
+
 def maintenance_interval_s(claim_idle_ms: int) -> float:
     """Touch/reclaim often enough that a live worker's entries never look stalled."""
     interval_s = claim_idle_ms / 1000 / 3
@@ -113,14 +123,19 @@ class WorkerService:
         self.keys = Keys(settings.key_prefix)
         worker_id = status.worker_id
         self.reader = StreamReader(self.client, self.keys, model_info.name, worker_id)
-        self.reclaimer = Reclaimer(self.client, self.reader.streams, worker_id,
+        self.reclaimer = Reclaimer(self.client, self.keys, self.reader.streams, worker_id,
                                    settings.claim_idle_ms)
-        self.publisher = Publisher(self.keys, model_info.name, worker_id, settings.job_ttl_s,
-                                   settings.stream_maxlen)
+        self.publisher = Publisher(self.keys, model_info.name, worker_id,
+                                   job_ttl_s=settings.job_ttl_s,
+                                   events_ttl_s=settings.events_ttl_s,
+                                   stream_maxlen=settings.stream_maxlen)
         self.jobs: dict[str, InFlight] = {}
+        self.lost: set[str] = set()  # aborted after another worker took them; not written
         self.intake = Intake(self.client, self.keys, engine, self.publisher, self.jobs,
-                             IntakePolicy(settings.max_deliveries, settings.request_timeout_s))
+                             IntakePolicy(settings.max_deliveries, settings.request_timeout_s,
+                                          settings.job_ttl_s))
         self.inbox: list[StreamEntry] = []  # delivered to us, not yet admitted
+        self._refusal: RedisRefusal | None = None  # what Redis is refusing, while it does
         self.metrics = metrics or WorkerMetrics(model_info.name, worker_id)
         self.publisher.observer = self.metrics
         self.intake.on_admitted = self.metrics.on_admitted_request
@@ -129,17 +144,20 @@ class WorkerService:
         self._next_maintenance_at = 0.0
         self._next_cancel_check_at = 0.0
         self._maintenance_interval_s = maintenance_interval_s(settings.claim_idle_ms)
+        self.toucher = Toucher(self.reclaimer, self._maintenance_interval_s)
 
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until a shutdown signal and the drain that follows; returns the exit code."""
         backoff = Backoff()
+        self.toucher.start()
         try:
             while not self._should_exit():
                 try:
                     self.poll_once()
                     backoff.reset()
+                    self._on_redis_ok()
                 except (*REDIS_DOWN_ERRORS, redis.ResponseError) as exc:
                     self._on_redis_error(exc, backoff.next_delay_s())
         finally:
@@ -159,13 +177,21 @@ class WorkerService:
         if not self.shutdown.is_requested and not self.inbox:
             self._read()
         if self.inbox:
+            self._publish_in_flight()
             self.intake.admit(self.inbox)
             self.inbox = []
+        self._publish_in_flight()  # before the step: it may outlast the claim idle time
         if self.engine.has_unfinished():
             self._step()
         self._flush()
 
     # --- one-job helpers ----------------------------------------------------------------
+
+    def _publish_in_flight(self) -> None:
+        """Tell the toucher every entry we hold: admitted or still in the inbox."""
+        held = [(job.stream, job.entry_id) for job in self.jobs.values()]
+        held.extend((entry.stream, entry.entry_id) for entry in self.inbox)
+        self.toucher.set_in_flight(held)
 
     def _setup(self) -> None:
         self.reader.ensure_groups()
@@ -214,14 +240,16 @@ class WorkerService:
         for out in outputs:
             job = self.jobs.get(out.id)
             if job is None:
-                logger.warning("engine reported unknown request %s", out.id)
+                if out.id in self.lost:
+                    if out.finished:
+                        self.lost.discard(out.id)
+                else:
+                    logger.warning("engine reported unknown request %s", out.id)
                 continue
             self.publisher.emit(job, out)
             if out.finished:
                 del self.jobs[out.id]
-        stats = self.engine.stats()
-        self.status.num_running = stats.num_running
-        self.status.num_waiting = stats.num_waiting
+        self.status.update(self.engine.stats())
 
     def _flush(self) -> None:
         """Write the outbox; abort the running requests whose cancel key is set."""
@@ -230,16 +258,35 @@ class WorkerService:
         if self.jobs and now >= self._next_cancel_check_at:
             watch = [job.id for job in self.jobs.values() if not job.is_abort_sent]
             self._next_cancel_check_at = now + CANCEL_CHECK_INTERVAL_S
-        for job_id in self.publisher.flush(self.client, watch):
+        result: FlushResult = self.publisher.flush(self.client, watch)
+        for job_id, attempt in result.lost:
+            job = self.jobs.get(job_id)
+            if job is not None and job.attempt == attempt:
+                self._drop_lost(job)
+        for job_id in result.cancelled:
             job = self.jobs.get(job_id)
             if job is not None and not job.is_abort_sent:
                 logger.info("cancelling request %s", job_id)
                 self.engine.abort_request(job_id)
                 job.is_abort_sent = True
 
+    def _drop_lost(self, job: InFlight) -> None:
+        """Another worker owns the request now: stop generating it and write nothing more
+        (its writes would be refused anyway); its entry is not ours to ack or touch."""
+        logger.warning("request %s (attempt %d) was taken over by another worker; "
+                       "aborting our copy", job.id, job.attempt)
+        del self.jobs[job.id]
+        self.metrics.forget(job.id)  # its finish is the other worker's to count
+        self.lost.add(job.id)
+        self.engine.abort_request(job.id)
+
     def _maintain(self) -> None:
         self._next_maintenance_at = time.monotonic() + self._maintenance_interval_s
-        self.reclaimer.touch((job.stream, job.entry_id) for job in self.jobs.values())
+        lost = self.toucher.take_lost()  # touched by its thread, also during long steps
+        lost |= self.reclaimer.touch((job.stream, job.entry_id) for job in self.jobs.values())
+        for job in [job for job in self.jobs.values() if (job.stream, job.entry_id) in lost]:
+            self._drop_lost(job)
+        self.reclaimer.tidy()
         if not self.shutdown.is_requested and not self.inbox:
             self.inbox = self.reclaimer.claim(self.engine.num_free_slots())
             self.metrics.on_reclaimed(len(self.inbox))
@@ -266,15 +313,33 @@ class WorkerService:
         return False
 
     def _on_redis_error(self, exc: redis.RedisError, delay_s: float) -> None:
-        is_lost = any(marker in str(exc) for marker in GROUPS_LOST_ERRORS)
-        if isinstance(exc, redis.ResponseError) and not is_lost:
-            raise exc  # a bug, not an outage
-        self._needs_setup = True  # Redis may have come back empty: groups, model info
-        logger.warning("Redis unavailable or reset (%s); retrying in %.2f s", exc, delay_s)
+        """Back off and retry an outage; one log line when it starts, one when it ends."""
+        kind = refusal(exc)
+        if kind is None:
+            if not any(marker in str(exc) for marker in GROUPS_LOST_ERRORS):
+                raise exc  # a bug, not an outage
+            self._needs_setup = True  # Redis may have come back empty: groups, model info
+            kind = RedisRefusal.DOWN
+        elif kind is RedisRefusal.DOWN:
+            self._needs_setup = True
+        elif kind is RedisRefusal.READONLY:
+            self.client.connection_pool.disconnect()  # reconnect: maybe to the new primary
+        if kind is not self._refusal:
+            logger.warning("Redis %s (%s); backing off and retrying, up to %.1f s apart",
+                           kind.value, short_reason(exc), MAX_BACKOFF_S)
+            self._refusal = kind
+        else:
+            logger.debug("Redis still %s: %s", kind.value, short_reason(exc))
         time.sleep(delay_s)
+
+    def _on_redis_ok(self) -> None:
+        if self._refusal is not None:
+            logger.info("Redis is serving us again (after: %s)", self._refusal.value)
+            self._refusal = None
 
     def _close(self) -> None:
         """Best effort: store what is finished, hand back what is not."""
+        self.toucher.stop()
         try:
             if not self.publisher.outbox.is_empty:
                 self.publisher.flush(self.client, [])

@@ -10,13 +10,14 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from gateway.deps import GatewayDep, PrincipalDep
-from gateway.jobs import job_view, str_field
+from gateway.jobs import job_view
 from gateway.openai_format import Kind, OpenAIFormat
 from gateway.reader import QUEUE_TIMEOUT_REASON, has_ended_by, job_events
 from gateway.schemas import JobRequest
 from gateway.sse import DONE, EventStreamResponse, openai_stream
 from gateway.submit import ID_PREFIXES, enqueue, prepare
 from shared.errors import InvalidRequestError, JobNotFoundError
+from shared.job_record import str_field
 
 router = APIRouter(tags=["jobs"])
 

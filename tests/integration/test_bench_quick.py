@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,12 @@ def test_quick_bench_output_is_well_formed(tmp_path: Path, smollm2_dir: Path) ->
     assert {"date", "model", "dtype", "parameters", "matmul_gflops", "machine", "settings",
             "command", "foreign_cores"} <= set(meta)
     assert meta["parameters"] > 100_000_000 and meta["matmul_gflops"] > 0
-    assert {"cpus", "cpu", "commit"} <= set(meta["machine"])
+    assert {"cpus", "cpu", "commit", "cpu_flags", "torch_cpu_capability", "cpu_bf16"} <= set(
+        meta["machine"])
+    assert set(meta["machine"]["cpu_flags"]) == {"AVX2", "AVX-512", "AVX512-BF16", "AMX"}
+    assert meta["matmul_dtype"] == meta["dtype"]  # the yardstick runs in the engine's dtype
+    if os.environ.get("TOKENFLEET_DTYPE", "auto") == "auto":  # bf16 only where it is native
+        assert meta["dtype"] == ("bfloat16" if meta["machine"]["cpu_bf16"] else "float32")
     assert {row["system"] for row in result["runs"]} == set(SYSTEMS)
     for row in result["runs"]:
         assert "note" not in row or not row["note"].startswith("did not run"), row
@@ -48,6 +54,7 @@ def test_quick_bench_output_is_well_formed(tmp_path: Path, smollm2_dir: Path) ->
     assert png.stat().st_size > 1000 and meta["plot"] == str(png)
     [md] = tmp_path.glob("bench-*.md")
     assert md.read_text().count("\n| engine |") == 2
+    assert f"Yardstick: {meta['dtype']} matmul" in md.read_text()
 
 
 def test_quick_open_loop_reports_rates(tmp_path: Path, smollm2_dir: Path) -> None:

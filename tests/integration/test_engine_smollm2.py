@@ -11,7 +11,7 @@ from shared.protocol import SamplingParams
 from shared.settings import Settings
 from worker.engine.engine import LLMEngine
 from worker.engine.factory import engine_config, eos_token_ids
-from worker.engine.loader import LoadedModel, load_model
+from worker.engine.loader import LoadedModel, cpu_has_bf16, load_model
 from worker.engine.model_runner import TransformerRunner
 from worker.engine.types import EngineRequest
 
@@ -57,9 +57,13 @@ def _drain(engine: LLMEngine, collect: str) -> list[int]:
     return got
 
 
-def _alone_and_batched(loaded: LoadedModel, n_tokens: int) -> list[tuple[list[int], list[int]]]:
+def _alone_and_batched(loaded: LoadedModel, n_tokens: int,
+                       questions: list[str]) -> list[tuple[list[int], list[int]]]:
+    """``question`` alone, then joining a batch of 31 others after 3 steps (the background
+    requests want 4 to 19 tokens, so the target decodes beside prefills, finishing rows and
+    rows of every length)."""
     pairs = []
-    for question in QUESTIONS[:2]:
+    for question in questions:
         target = _chat(loaded, question)
         engine = _engine(loaded)
         engine.add_request(EngineRequest("t", target, _greedy(n_tokens)))
@@ -67,7 +71,7 @@ def _alone_and_batched(loaded: LoadedModel, n_tokens: int) -> list[tuple[list[in
         engine = _engine(loaded)
         for i in range(31):
             ids = _chat(loaded, QUESTIONS[i % len(QUESTIONS)] + " " * (i % 5))
-            engine.add_request(EngineRequest(f"bg{i}", ids, _greedy(4 + (i * 3) % 28)))
+            engine.add_request(EngineRequest(f"bg{i}", ids, _greedy(4 + (i * 3) % 16)))
         for _ in range(3):
             engine.step()
         engine.add_request(EngineRequest("t", target, _greedy(n_tokens)))
@@ -76,16 +80,24 @@ def _alone_and_batched(loaded: LoadedModel, n_tokens: int) -> list[tuple[list[in
 
 
 def test_fp32_greedy_identical_alone_and_joining_a_batch_of_32() -> None:
-    loaded = _load("float32")
-    for alone, batched in _alone_and_batched(loaded, 24):
+    loaded = _load("float32")  # one question: ~20 s of work on 2 AVX2 cores
+    for alone, batched in _alone_and_batched(loaded, 20, QUESTIONS[:1]):
         assert batched == alone
 
 
+NATIVE_BF16 = torch.cuda.is_available() or cpu_has_bf16()
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason=(
+    "this CPU has no native bf16 (no AVX512-BF16/AMX, or ONEDNN_MAX_CPU_ISA/"
+    "ATEN_CPU_CAPABILITY lower it): bf16 is emulated, minutes per run, and TOKENFLEET_DTYPE="
+    "auto serves float32 here; bf16 batch invariance is covered on the tiny model by "
+    "tests/unit/test_engine.py::test_bf16_greedy_agrees_on_95_percent_of_positions"))
 def test_bf16_greedy_agrees_on_95_percent_and_answers_paris() -> None:
     loaded = _load("bfloat16")
     assert loaded.dtype == torch.bfloat16
     agree = total = 0
-    for alone, batched in _alone_and_batched(loaded, 32):
+    for alone, batched in _alone_and_batched(loaded, 32, QUESTIONS[:2]):
         agree += sum(a == b for a, b in zip(alone, batched, strict=True))
         total += len(alone)
     assert agree / total >= 0.95, f"{agree}/{total}"

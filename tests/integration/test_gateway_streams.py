@@ -106,7 +106,7 @@ def start_worker(settings: Settings) -> Iterator[Callable[..., Worker]]:
         thread.start()
         started.append(worker)
         waiting.wait_for(lambda: status.state == STATE_READY, TIMEOUT_S)
-        heartbeat.beat_soon()
+        heartbeat.beat()  # warm now, not at the next tick
         return worker
 
     yield start

@@ -1,4 +1,4 @@
-"""The step transaction against real Redis: a re-sent transaction stores nothing twice."""
+"""The step transaction against real Redis: stored once, and fenced by the job's attempt."""
 
 from __future__ import annotations
 
@@ -6,31 +6,87 @@ import copy
 
 import redis
 
-from shared.keys import Keys
-from shared.protocol import unpack_event
+from shared.job_record import BEGIN_ATTEMPT_LUA
+from shared.keys import WORKER_GROUP, Keys
+from shared.protocol import unpack_event, unpack_events
 from worker.engine.types import RequestOutput
 from worker.publisher import InFlight, Publisher
 
 KEYS = Keys("tfpub")
+STREAM = "tfpub:requests:m:interactive"
+
+
+def make_publisher(worker_id: str = "w1") -> Publisher:
+    return Publisher(KEYS, "m", worker_id, job_ttl_s=60, events_ttl_s=5, stream_maxlen=100)
+
+
+def begin(client: redis.Redis, job_id: str) -> tuple[int, int, int]:
+    script = client.register_script(BEGIN_ATTEMPT_LUA)
+    attempt, num_events, flag = script(keys=[KEYS.job(job_id), KEYS.job_events(job_id),
+                                             KEYS.cancel(job_id)], args=[60])
+    return int(attempt), int(num_events), int(flag)
+
+
+def stored(client: redis.Redis, job_id: str) -> list[tuple[int, str]]:
+    return [(e.seq, e.type) for e in
+            (unpack_event(raw) for raw in client.lrange(KEYS.job_events(job_id), 0, -1))]
 
 
 def test_a_resent_step_transaction_is_stored_once(client: redis.Redis) -> None:
-    publisher = Publisher(KEYS, "m", "w1", job_ttl_s=60, stream_maxlen=100)
-    job = InFlight(id="j", stream="s", entry_id=b"1-0", reply_channel="", num_prompt_tokens=3)
+    publisher = make_publisher()
+    attempt, _, _ = begin(client, "j")
+    job = InFlight(id="j", stream="s", entry_id=b"1-0", reply_channel="",
+                   num_prompt_tokens=3, attempt=attempt)
     publisher.start(job)
     publisher.emit(job, RequestOutput(id="j", new_token_ids=[5], text_delta="Hello"))
     first = copy.deepcopy(publisher.outbox)
     publisher.flush(client, [])
     publisher.outbox = first  # the retry of a transaction whose reply was lost
     publisher.flush(client, [])
-    events = [unpack_event(raw) for raw in client.lrange(KEYS.job_events("j"), 0, -1)]
-    assert [e.seq for e in events] == [0, 1]
+    assert [seq for seq, _ in stored(client, "j")] == [0, 1]
     assert client.get(KEYS.job_text("j")) == b"Hello"
     publisher.emit(job, RequestOutput(id="j", new_token_ids=[6], text_delta=" world",
                                       finished=True, finish_reason="length",
                                       num_output_tokens=2))
     publisher.flush(client, [])
-    events = [unpack_event(raw) for raw in client.lrange(KEYS.job_events("j"), 0, -1)]
-    assert [e.seq for e in events] == [0, 1, 2, 3]
+    assert [seq for seq, _ in stored(client, "j")] == [0, 1, 2, 3]
     assert client.get(KEYS.job_text("j")) == b"Hello world"
     assert client.hget(KEYS.job("j"), "status") == b"succeeded"
+    assert 0 < client.ttl(KEYS.job_events("j")) <= 5  # the replay window after finish
+    assert client.ttl(KEYS.job_text("j")) > 5
+
+
+def test_a_fenced_off_attempt_writes_publishes_and_acks_nothing(client: redis.Redis) -> None:
+    client.xgroup_create(STREAM, WORKER_GROUP, id="0", mkstream=True)
+    entry_id = client.xadd(STREAM, {"m": b"x"})
+    client.xreadgroup(WORKER_GROUP, "old", {STREAM: ">"})
+    pubsub = client.pubsub()
+    pubsub.subscribe("ch")
+    pubsub.get_message(timeout=1.0)
+    stale, fresh = make_publisher("old"), make_publisher("new")
+    old_job = InFlight(id="f", stream=STREAM, entry_id=entry_id, reply_channel="ch",
+                       num_prompt_tokens=3, attempt=begin(client, "f")[0])
+    stale.start(old_job)
+    stale.flush(client, [])
+    new_attempt, num_events, _ = begin(client, "f")  # another worker took the delivery
+    new_job = InFlight(id="f", stream=STREAM, entry_id=entry_id, reply_channel="ch",
+                       num_prompt_tokens=3, attempt=new_attempt, next_seq=num_events)
+    fresh.start(new_job, is_restart=True)
+    fresh.flush(client, [])
+
+    stale.emit(old_job, RequestOutput("f", [5], " stale", finished=True,
+                                      finish_reason="length", num_output_tokens=1))
+    result = stale.flush(client, [])
+
+    assert result.lost == {("f", 1)}
+    assert stored(client, "f") == [(0, "start"), (1, "restart"), (2, "start")]
+    assert not client.exists(KEYS.job_text("f")) or client.get(KEYS.job_text("f")) == b""
+    record = client.hgetall(KEYS.job("f"))
+    assert (record[b"status"], record[b"worker"], record[b"attempt"]) == (
+        b"running", b"new", b"2")
+    assert client.xpending(STREAM, WORKER_GROUP)["pending"] == 1  # not acked by the stale one
+    heard = []
+    while (message := pubsub.get_message(timeout=0.2)) is not None:
+        heard.extend((e.seq, e.type) for e in unpack_events(message["data"]))
+    assert heard == [(0, "start"), (1, "restart"), (2, "start")]
+    pubsub.close()

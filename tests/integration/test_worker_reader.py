@@ -67,13 +67,72 @@ def test_claim_takes_idle_entries_of_others_and_touch_protects_ours(
     stream = KEYS.requests_stream("m")
     [ours] = reader.read(1)
     client.xreadgroup(WORKER_GROUP, "ghost", {stream: ">"}, count=1)
-    mine = Reclaimer(client, reader.streams, "c1", claim_idle_ms=50)
-    other = Reclaimer(client, reader.streams, "c2", claim_idle_ms=50)
+    mine = Reclaimer(client, KEYS, reader.streams, "c1", claim_idle_ms=50)
+    other = Reclaimer(client, KEYS, reader.streams, "c2", claim_idle_ms=50)
     time.sleep(0.08)
     mine.touch([(ours.stream, ours.entry_id)])
     claimed = other.claim(10)
 
     assert [e.fields for e in claimed] == [{b"m": b"interactive-1"}]
-    assert claimed[0].deliveries == 2 and claimed[0].is_reclaimed
+    assert claimed[0].deliveries == 2
     mine.release([(ours.stream, ours.entry_id)])
     assert [e.entry_id for e in other.claim(10)] == [ours.entry_id]
+
+
+def test_touch_never_takes_an_entry_back_from_the_worker_that_claimed_it(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "interactive", 1)
+    [ours] = reader.read(1)
+    mine = Reclaimer(client, KEYS, reader.streams, "c1", claim_idle_ms=50)
+    other = Reclaimer(client, KEYS, reader.streams, "c2", claim_idle_ms=50)
+    time.sleep(0.08)  # we stalled past the claim idle time
+    assert [e.entry_id for e in other.claim(10)] == [ours.entry_id]
+
+    lost = mine.touch([(ours.stream, ours.entry_id)])
+
+    assert lost == {(ours.stream, ours.entry_id)}
+    [pending] = client.xpending_range(ours.stream, WORKER_GROUP, "-", "+", 10)
+    assert pending["consumer"] == b"c2"
+    mine.release([(ours.stream, ours.entry_id)])  # nor does the release on exit
+    [pending] = client.xpending_range(ours.stream, WORKER_GROUP, "-", "+", 10)
+    assert pending["consumer"] == b"c2" and pending["time_since_delivered"] < 50
+
+
+def lag(client: redis.Redis, stream: str) -> int | None:
+    [group] = client.xinfo_groups(stream)
+    return group["lag"]
+
+
+def test_tidy_trims_acknowledged_entries_and_keeps_the_lag_exact(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "interactive", 4)
+    stream = KEYS.requests_stream("m")
+    first, second, third = reader.read(3)
+    client.xack(stream, WORKER_GROUP, first.entry_id, third.entry_id)  # out of order
+    reclaimer = Reclaimer(client, KEYS, reader.streams, "c1", claim_idle_ms=50)
+
+    reclaimer.tidy()
+
+    assert [entry_id for entry_id, _ in client.xrange(stream)] == [
+        second.entry_id, third.entry_id, client.xrange(stream)[-1][0]]  # from the oldest pending
+    assert lag(client, stream) == 1  # one entry never delivered
+    client.xack(stream, WORKER_GROUP, second.entry_id)
+    reclaimer.tidy()
+    assert client.xlen(stream) == 1 and lag(client, stream) == 1
+    reader.read(1)
+    assert lag(client, stream) == 0
+
+
+def test_tidy_deletes_consumers_without_heartbeat_or_pending_entries(
+        reader: StreamReader, client: redis.Redis) -> None:
+    add(client, "interactive", 1)
+    stream = KEYS.requests_stream("m")
+    for name in ("dead-idle", "alive-idle"):
+        client.xgroup_createconsumer(stream, WORKER_GROUP, name)
+    client.xreadgroup(WORKER_GROUP, "dead-busy", {stream: ">"}, count=1)
+    client.set(KEYS.worker("alive-idle"), b"1")
+
+    Reclaimer(client, KEYS, reader.streams, "c1", claim_idle_ms=50).tidy()
+
+    names = {c["name"] for c in client.xinfo_consumers(stream, WORKER_GROUP)}
+    assert names == {b"alive-idle", b"dead-busy"}  # dead-busy: its entry must be claimed first

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from tokenizers import Tokenizer
@@ -237,9 +238,9 @@ class QuietWorkerService(WorkerService):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         flush = self.publisher.flush
 
-        def flush_quietly(client: redis.Redis, watch: list[str]) -> set[str]:
-            outbox = self.publisher.outbox
-            outbox.events = [("", event) for _, event in outbox.events]
+        def flush_quietly(client: redis.Redis, watch: list[str]) -> Any:
+            for writes in self.publisher.outbox.jobs.values():
+                writes.job.reply_channel = ""  # stored in the job's list, published nowhere
             return flush(client, watch)
 
         self.publisher.flush = flush_quietly  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from shared.protocol import GenerateRequest, SamplingParams, pack
+from worker.engine.types import EngineStats
 from worker.heartbeat import WorkerStatus
 from worker.intake import decode_entry, effective_deadline, salvage_job
 from worker.reader import LanePlanner, StreamEntry
@@ -81,3 +82,12 @@ def test_worker_status_mapping() -> None:
     status = WorkerStatus(worker_id="w", model="m", num_running=3, is_warm=True)
     mapping = status.to_mapping()
     assert (mapping["batch_size"], mapping["warm"], mapping["state"]) == ("3", "1", "starting")
+
+
+def test_worker_status_reports_kv_use() -> None:
+    status = WorkerStatus(worker_id="w", model="m")
+    status.update(EngineStats(num_running=2, num_waiting=1, kv_tokens_used=40,
+                              kv_tokens_budget=512))
+    mapping = status.to_mapping()
+    assert (mapping["batch_size"], mapping["waiting"]) == ("2", "1")
+    assert (mapping["kv_tokens_used"], mapping["kv_tokens_budget"]) == ("40", "512")

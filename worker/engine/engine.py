@@ -36,13 +36,14 @@ class LLMEngine:
         self.decoder = decoder
         self.config = config
         self.cache = runner.cache
+        self.cache.token_budget = config.max_batch_tokens
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_prefill_tokens=config.max_prefill_tokens,
             max_context=runner.max_context,
         ))
-        self.sampler = Sampler(list(config.eos_token_ids), runner.device)
+        self.sampler = Sampler(list(config.eos_token_ids))
         self.eos = frozenset(config.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -62,11 +63,11 @@ class LLMEngine:
             return
         seq = Sequence(request.id, list(request.prompt_token_ids), request.params,
                        request.arrival_time)
-        if request.params.seed is not None and not request.params.is_greedy:
-            seq.generator = torch.Generator(device="cpu").manual_seed(request.params.seed)
         try:
+            if request.params.seed is not None and not request.params.is_greedy:
+                seq.generator = torch.Generator(device="cpu").manual_seed(request.params.seed)
             self.scheduler.add(seq)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             self._early.append(RequestOutput(id=request.id, finished=True, finish_reason="error",
                                              error=str(exc),
                                              num_prompt_tokens=seq.num_prompt_tokens))
@@ -83,8 +84,16 @@ class LLMEngine:
         return bool(self.seqs or self._early)
 
     def num_free_slots(self) -> int:
-        held = len(self.scheduler.running) + len(self.scheduler.waiting)
-        return max(0, self.config.max_batch_size + self.config.max_waiting - held)
+        """Requests to take on: the rows the KV budget can run at the longest reservation
+        held (``max_batch_tokens // longest``, at most ``max_batch_size``), plus as many
+        waiting (at most ``max_waiting``), minus what is held. A worker full of long rows
+        therefore asks for a few entries, not for ``max_batch_size + max_waiting``."""
+        held = [*self.scheduler.running, *self.scheduler.waiting]
+        longest = max((s.reserved_len for s in held), default=0)
+        rows = self.config.max_batch_size
+        if longest:
+            rows = max(1, min(rows, self.config.max_batch_tokens // longest))
+        return max(0, rows + min(self.config.max_waiting, rows) - len(held))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -112,8 +121,9 @@ class LLMEngine:
             sampled, logits, failed = self._run_isolated(plan)
             outputs.extend(failed)
         if sampled:
-            tokens = self.sampler.sample(logits, sampled)
-            for seq, token in zip(sampled, tokens, strict=True):
+            tokens, failed = self._sample_isolated(sampled, logits)
+            outputs.extend(failed)
+            for seq, token in tokens:
                 outputs.append(self._postprocess_safely(seq, token))
         return outputs
 
@@ -174,8 +184,40 @@ class LLMEngine:
                 continue
             sampled.extend(got)
             rows.extend(logits[i] for i in range(len(got)))
-        logits = torch.stack(rows) if rows else torch.empty(0)
+        logits = torch.stack(rows) if rows else torch.empty(0, device=self.runner.device)
         return sampled, logits, failed
+
+    def _sample_isolated(
+        self, seqs: list[Sequence], logits: torch.Tensor,
+    ) -> tuple[list[tuple[Sequence, int]], list[RequestOutput]]:
+        """Sample every row in one pass; if that raises, row by row, failing only the rows
+        that fail alone. The uniforms are drawn once, so the survivors' tokens are the ones
+        the batch pass would have given."""
+        uniforms: list[float | None] = []
+        for seq in seqs:
+            try:
+                uniforms.append(self.sampler.draw([seq])[0])
+            except Exception:
+                log.exception("drawing a random number for request %s failed", seq.id)
+                uniforms.append(None)
+        if None not in uniforms:
+            try:
+                drawn = [u for u in uniforms if u is not None]
+                tokens = self.sampler.sample(logits, seqs, drawn)
+                return list(zip(seqs, tokens, strict=True)), []
+            except Exception:
+                log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
+        pairs: list[tuple[Sequence, int]] = []
+        failed: list[RequestOutput] = []
+        for i, (seq, uniform) in enumerate(zip(seqs, uniforms, strict=True)):
+            try:
+                if uniform is None:
+                    raise RuntimeError("could not draw from the request's generator")
+                pairs.append((seq, self.sampler.sample(logits[i:i + 1], [seq], [uniform])[0]))
+            except Exception as exc:
+                log.warning("request %s fails sampling on its own: %r", seq.id, exc)
+                failed.append(self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}"))
+        return pairs, failed
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         detok = self.detoks.get(seq.id)

@@ -51,6 +51,7 @@ def model_info(settings: Settings, loaded: LoadedModel, max_context: int) -> Mod
         quantization=loaded.quantization,
         dtype=str(loaded.dtype).removeprefix("torch."),
         generation_defaults=generation_defaults(Path(loaded.path)),
+        max_batch_tokens=settings.max_batch_tokens,
     )
 
 

@@ -5,16 +5,23 @@ kept dense (``0 .. num_rows-1``): freeing a row moves the last row into the hole
 decode step works on the prefix ``[:batch]`` with no gather. The buffer is attended in full
 (positions past a row's length are masked), because on CPU a matmul over a contiguous
 buffer is several times faster than over a strided slice of it; ``len_cap`` therefore
-tracks the longest row closely: it grows and shrinks in ``len_align`` steps, and the
-scheduler keeps ``rows x longest reservation`` under the token budget, so memory is bounded
-by ``max_batch_tokens`` (see docs/design/engine.md).
+tracks the longest row closely: it grows and shrinks in ``len_align`` steps. Rows are
+padded to ``row_align`` and lengths to ``len_align`` only while the padded buffer stays
+within ``token_budget``, so with the scheduler keeping ``rows x longest reservation`` under
+the budget, ``allocated_tokens <= token_budget`` always (see docs/design/engine.md).
+
+A reallocation allocates every new layer before it lets go of the old ones: if it fails
+(out of memory), the old buffers, capacities and rows are untouched and still usable.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,17 +34,18 @@ class CacheShape:
 
     @property
     def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
 
 class RowKVCache:
     """Owns the key/value tensors and which sequence sits in which row."""
 
-    def __init__(self, shape: CacheShape, *, row_align: int = 4, len_align: int = 64) -> None:
+    def __init__(self, shape: CacheShape, *, row_align: int = 4, len_align: int = 64,
+                 token_budget: int | None = None) -> None:
         self.shape = shape
         self.row_align = row_align
         self.len_align = len_align
+        self.token_budget = token_budget  # padding never takes the buffer past it
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows_cap = 0
@@ -53,9 +61,6 @@ class RowKVCache:
 
     def row_of(self, seq_id: str) -> int:
         return self._row_of[seq_id]
-
-    def length_of(self, seq_id: str) -> int:
-        return self._lengths[self._row_of[seq_id]]
 
     def __contains__(self, seq_id: str) -> bool:
         return seq_id in self._row_of
@@ -105,15 +110,31 @@ class RowKVCache:
 
     # --- tensors ----------------------------------------------------------------------------
     def ensure_capacity(self, rows: int, length: int) -> None:
-        """Make room for ``rows`` rows of ``length`` tokens; shrink when far too big."""
-        need_rows = _round_up(max(rows, 1), self.row_align)
-        need_len = _round_up(max(length, 1), self.len_align)
-        grow = need_rows > self.rows_cap or need_len > self.len_cap
-        shrink = self.rows_cap * self.len_cap > 2 * need_rows * need_len and (
-            self.len_cap - need_len >= 4 * self.len_align or self.rows_cap - need_rows >= 16
-        )
-        if grow or shrink:
-            self._reallocate(need_rows, need_len)
+        """Make room for ``rows`` rows of ``length`` tokens (never less than the longest row
+        already written); shrink when far too big. A failed shrink keeps the old buffers."""
+        rows = max(rows, self.num_rows, 1)
+        length = max(length, max(self._lengths, default=0), 1)
+        target_rows, target_len = self._padded(rows, length)
+        if rows > self.rows_cap or length > self.len_cap:
+            self._reallocate(target_rows, target_len)
+        elif self.rows_cap * self.len_cap > 2 * target_rows * target_len and (
+                self.len_cap - target_len >= 4 * self.len_align
+                or self.rows_cap - target_rows >= 16):
+            try:
+                self._reallocate(target_rows, target_len)
+            except (RuntimeError, MemoryError) as exc:  # the bigger buffers are still good
+                log.warning("shrinking the KV cache failed, keeping it as is: %r", exc)
+
+    def _padded(self, rows: int, length: int) -> tuple[int, int]:
+        """Capacities for ``rows x length``, padded to the alignments while within budget."""
+        padded_rows = _round_up(rows, self.row_align)
+        padded_len = _round_up(length, self.len_align)
+        budget = self.token_budget
+        if budget is None or padded_rows * padded_len <= budget:
+            return padded_rows, padded_len
+        if rows * padded_len <= budget:
+            return rows, padded_len
+        return rows, max(length, budget // rows)
 
     def release(self) -> None:
         """Drop the tensors (the batch is empty)."""
@@ -121,21 +142,19 @@ class RowKVCache:
         self.rows_cap = self.len_cap = 0
 
     def _reallocate(self, rows_cap: int, len_cap: int) -> None:
+        """New buffers with the rows' data copied in. Every new layer is allocated before any
+        old one is dropped, so a failure leaves the cache exactly as it was."""
         s = self.shape
         size = (rows_cap, s.num_kv_heads, len_cap, s.head_dim)
-        keep_rows = min(self.num_rows, self.rows_cap)
-        keep_len = min(max(self._lengths, default=0), len_cap)
-        new_keys, new_values = [], []
-        for layer in range(s.num_layers):
-            k = torch.zeros(size, dtype=s.dtype, device=s.device)
-            v = torch.zeros(size, dtype=s.dtype, device=s.device)
-            if self.keys and keep_rows and keep_len:
-                k[:keep_rows, :, :keep_len] = self.keys[layer][:keep_rows, :, :keep_len]
-                v[:keep_rows, :, :keep_len] = self.values[layer][:keep_rows, :, :keep_len]
-            new_keys.append(k)
-            new_values.append(v)
-            if self.keys:  # free the old layer at once: peak memory is one layer more
-                self.keys[layer] = self.values[layer] = torch.empty(0)
+        new_keys = [torch.zeros(size, dtype=s.dtype, device=s.device)
+                    for _ in range(s.num_layers)]
+        new_values = [torch.zeros(size, dtype=s.dtype, device=s.device)
+                      for _ in range(s.num_layers)]
+        keep_rows = min(self.num_rows, self.rows_cap, rows_cap)
+        keep_len = min(max(self._lengths, default=0), len_cap, self.len_cap)
+        if self.keys and keep_rows and keep_len:
+            for old, new in zip(self.keys + self.values, new_keys + new_values, strict=True):
+                new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
         self.keys, self.values = new_keys, new_values
         self.rows_cap, self.len_cap = rows_cap, len_cap
 

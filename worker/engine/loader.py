@@ -35,12 +35,33 @@ def pick_device(settings: Settings) -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    """True when bf16 matmuls run natively: the CPU has AVX512-BF16 or AMX
+    (``/proc/cpuinfo``), and neither ``ONEDNN_MAX_CPU_ISA`` nor ``ATEN_CPU_CAPABILITY``
+    keeps torch from using them (both lower the ISA, e.g. to mimic an AVX2-only CPU).
+    Elsewhere bf16 is emulated, tens to hundreds of times slower than float32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    return torch_cpu_capability().startswith("AVX512") and _onednn_allows_bf16()
+
+
+def torch_cpu_capability() -> str:
+    """The instruction set torch's CPU kernels dispatch to ("AVX2", "AVX512", ...)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+def _onednn_allows_bf16() -> bool:
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else True
+    except (RuntimeError, AttributeError):
+        return True
 
 
 def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:

@@ -73,9 +73,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     @property
     def reserved_tokens(self) -> int:
         """Cache tokens the running batch may need at most (padded to its longest row)."""

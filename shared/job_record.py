@@ -1,0 +1,274 @@
+"""The job record (``Keys.job``): status values, field names, a typed view, and every Lua
+script that touches the job hash. The gateway and the worker both use this module, as they
+use ``shared.keys`` for key names.
+
+Writers:
+- the gateway creates the record (``JobRecord(...).to_mapping()``) and cancels (``CANCEL_LUA``);
+- a worker takes each delivery with ``BEGIN_ATTEMPT_LUA`` (the job's ``attempt`` goes up by
+  one) and writes everything after that with ``WRITE_JOB_LUA`` / ``PUBLISH_JOB_EVENTS_LUA``,
+  which first check that the job's current attempt is still the writer's. A worker that
+  stalled past the claim idle time and lost the request to another one so writes nothing
+  more for it: no events, text, pub/sub messages, final state or ack (fencing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from string import Template
+
+# --- status -------------------------------------------------------------------------------
+
+STATUS_QUEUED = "queued"
+STATUS_RUNNING = "running"
+STATUS_SUCCEEDED = "succeeded"
+STATUS_FAILED = "failed"
+STATUS_CANCELLED = "cancelled"
+TERMINAL_STATUSES = frozenset({STATUS_SUCCEEDED, STATUS_FAILED, STATUS_CANCELLED})
+
+STATUS_BY_FINISH_REASON: dict[str, str] = {
+    "stop": STATUS_SUCCEEDED,
+    "length": STATUS_SUCCEEDED,
+    "cancelled": STATUS_CANCELLED,
+    "error": STATUS_FAILED,
+    "timeout": STATUS_FAILED,
+}
+
+
+def status_for_finish(finish_reason: str) -> str:
+    """The terminal status a finish reason leads to (unknown reasons count as failures)."""
+    return STATUS_BY_FINISH_REASON.get(finish_reason, STATUS_FAILED)
+
+
+# --- fields -------------------------------------------------------------------------------
+
+
+class JobField(StrEnum):
+    """Every field of the job hash."""
+
+    STATUS = "status"
+    OWNER = "owner"  # API key id ("" when auth is off)
+    MODEL = "model"
+    KIND = "kind"  # "chat" | "completion"
+    LANE = "lane"
+    STREAM = "stream"  # "1": the client asked for SSE
+    GATEWAY = "gateway"  # the gateway that queued it
+    CREATED_AT = "created_at"  # unix seconds, by the gateway
+    STARTED_AT = "started_at"  # unix seconds, by the worker of the current attempt
+    FIRST_TOKEN_AT = "first_token_at"  # unix seconds: the current attempt's first token
+    FINISHED_AT = "finished_at"
+    PROMPT_TOKENS = "prompt_tokens"
+    COMPLETION_TOKENS = "completion_tokens"
+    MAX_TOKENS = "max_tokens"
+    FINISH_REASON = "finish_reason"
+    ERROR = "error"
+    WORKER = "worker"  # the worker of the current attempt
+    ATTEMPT = "attempt"  # deliveries taken so far; only the current one may write
+
+
+def str_field(mapping: Mapping[bytes, bytes], name: str) -> str | None:
+    value = mapping.get(name.encode())
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def int_field(mapping: Mapping[bytes, bytes], name: str) -> int | None:
+    value = mapping.get(name.encode())
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def float_field(mapping: Mapping[bytes, bytes], name: str) -> float | None:
+    value = mapping.get(name.encode())
+    try:
+        return None if value is None or value == b"" else float(value)
+    except ValueError:
+        return None
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """The job hash as typed values; ``None`` = not (yet) written.
+
+    A partial record is an update: ``to_mapping()`` holds only the fields that are set."""
+
+    status: str | None = None
+    owner: str | None = None
+    model: str | None = None
+    kind: str | None = None
+    lane: str | None = None
+    stream: bool | None = None
+    gateway: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    max_tokens: int | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    worker: str | None = None
+    attempt: int | None = None
+
+    @classmethod
+    def from_hash(cls, mapping: Mapping[bytes, bytes]) -> JobRecord:
+        """Parse ``HGETALL``; a malformed number reads as ``None``, "" as ``None``."""
+        stream = str_field(mapping, JobField.STREAM)
+        return cls(
+            status=str_field(mapping, JobField.STATUS),
+            owner=str_field(mapping, JobField.OWNER),
+            model=str_field(mapping, JobField.MODEL),
+            kind=str_field(mapping, JobField.KIND),
+            lane=str_field(mapping, JobField.LANE),
+            stream=None if stream is None else stream == "1",
+            gateway=str_field(mapping, JobField.GATEWAY),
+            created_at=float_field(mapping, JobField.CREATED_AT),
+            started_at=float_field(mapping, JobField.STARTED_AT),
+            first_token_at=float_field(mapping, JobField.FIRST_TOKEN_AT),
+            finished_at=float_field(mapping, JobField.FINISHED_AT),
+            prompt_tokens=int_field(mapping, JobField.PROMPT_TOKENS),
+            completion_tokens=int_field(mapping, JobField.COMPLETION_TOKENS),
+            max_tokens=int_field(mapping, JobField.MAX_TOKENS),
+            finish_reason=str_field(mapping, JobField.FINISH_REASON) or None,
+            error=str_field(mapping, JobField.ERROR) or None,
+            worker=str_field(mapping, JobField.WORKER) or None,
+            attempt=int_field(mapping, JobField.ATTEMPT),
+        )
+
+    def to_mapping(self) -> dict[str, str]:
+        """The set fields as hash values (bools "1"/"0", floats ``repr``)."""
+        mapping: dict[str, str] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                mapping[item.name] = "1" if value else "0"
+            elif isinstance(value, float):
+                mapping[item.name] = repr(value)
+            else:
+                mapping[item.name] = str(value)
+        return mapping
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def _lua(source: str) -> str:
+    """Field names and statuses substituted into a script (``$status``, ``$S_queued`` ...)."""
+    names = {f"F_{member.name.lower()}": member.value for member in JobField}
+    statuses = {f"S_{s}": s for s in (STATUS_QUEUED, STATUS_RUNNING, STATUS_CANCELLED)}
+    return Template(source).substitute(names, **statuses)
+
+
+# --- Lua: the gateway -------------------------------------------------------------------
+
+# Cancel: set the cancel flag unless the job is over; a job still queued is cancelled on the
+# spot (the worker that later reads it sees the flag and skips it).
+# KEYS: job hash, cancel flag. ARGV: flag ttl, now (unix s), owner.
+# Returns 1, or 0 when the job is unknown or someone else's.
+CANCEL_LUA = _lua("""
+local owner = redis.call('HGET', KEYS[1], '$F_owner')
+if (not owner) or owner ~= ARGV[3] then return 0 end
+local status = redis.call('HGET', KEYS[1], '$F_status')
+if status == '$S_queued' or status == '$S_running' then
+  redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+end
+if status == '$S_queued' then
+  redis.call('HSET', KEYS[1], '$F_status', '$S_cancelled', '$F_finished_at', ARGV[2],
+             '$F_finish_reason', 'cancelled')
+end
+return 1
+""")
+
+# --- Lua: the worker --------------------------------------------------------------------
+
+# A worker takes a delivery: the attempt goes up by one, which fences off every writer of
+# an earlier attempt, atomically with what the new attempt must know to start.
+# KEYS: job hash, events list, cancel flag. ARGV: job ttl (s), used when the hash has none.
+# Returns {attempt, number of stored events (the next seq), cancel flag set (0/1)}.
+BEGIN_ATTEMPT_LUA = _lua("""
+local attempt = redis.call('HINCRBY', KEYS[1], '$F_attempt', 1)
+if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return {attempt, redis.call('LLEN', KEYS[2]), redis.call('EXISTS', KEYS[3])}
+""")
+
+WRITE_NO_ACK = ""  # WRITE_JOB_LUA's entry id when there is nothing to acknowledge
+
+# Everything one flush writes for one job, only while ARGV[1] is the job's current attempt.
+# Events and text are stored once: a transaction re-sent after a lost reply finds the list
+# already past its first seq and stores them again only if Redis lost them. A start resets
+# the text (a new attempt generates it again). A finish compacts: the event list is kept
+# only for the replay window, the hash and the text (stored again at its exact size) for
+# the job ttl, the cancel flag goes, and the request entry is acknowledged (here, so a
+# fenced-off writer never acks another worker's delivery).
+# KEYS: job hash, events list, text, cancel flag, request stream.
+# ARGV: 1 attempt, 2 first seq, 3 is start (0/1), 4 is finish (0/1), 5 job ttl (s),
+#       6 events ttl after finish (s), 7 group, 8 entry id to ack (WRITE_NO_ACK: none),
+#       9 text, 10 number n of field/value items, 11..10+n the items, then packed events.
+# Returns 1 written, 0 events already stored (the rest written), -1 fenced off (nothing).
+WRITE_JOB_LUA = _lua("""
+local current = redis.call('HGET', KEYS[1], '$F_attempt') or '0'
+if current ~= ARGV[1] then return -1 end
+local num_items = tonumber(ARGV[10])
+local first_event = 11 + num_items
+local stored = 1
+if #ARGV >= first_event then
+  if redis.call('LLEN', KEYS[2]) > tonumber(ARGV[2]) then
+    stored = 0
+  else
+    if ARGV[3] == '1' then redis.call('SET', KEYS[3], '', 'EX', ARGV[5]) end
+    for i = first_event, #ARGV, 1000 do
+      redis.call('RPUSH', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+    end
+    if #ARGV[9] > 0 then redis.call('APPEND', KEYS[3], ARGV[9]) end
+  end
+end
+if num_items > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 11, 10 + num_items)) end
+if ARGV[3] == '1' then redis.call('EXPIRE', KEYS[2], ARGV[5]) end
+if ARGV[4] == '1' then
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  local text = redis.call('GET', KEYS[3])  -- stored again: APPEND left it over-allocated
+  if text then redis.call('SET', KEYS[3], text, 'EX', ARGV[5]) end
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('DEL', KEYS[4])
+end
+if ARGV[8] ~= '' then redis.call('XACK', KEYS[5], ARGV[7], ARGV[8]) end
+return stored
+""")
+
+# One pub/sub message (a msgpack array of packed events) with the events of the jobs whose
+# attempt is still the writer's; the others' events are dropped, so a subscriber never
+# hears a fenced-off worker.
+# KEYS: the job hashes. ARGV: 1 channel, then per job in KEYS order: attempt, number n of
+# events, the n packed events. Returns the number of events published.
+PUBLISH_JOB_EVENTS_LUA = _lua("""
+local parts = {}
+local at = 2
+for k = 1, #KEYS do
+  local attempt, n = ARGV[at], tonumber(ARGV[at + 1])
+  at = at + 2
+  if (redis.call('HGET', KEYS[k], '$F_attempt') or '0') == attempt then
+    for i = at, at + n - 1 do parts[#parts + 1] = ARGV[i] end
+  end
+  at = at + n
+end
+local count = #parts
+if count == 0 then return 0 end
+local header
+if count < 16 then
+  header = string.char(0x90 + count)
+elseif count < 65536 then
+  header = string.char(0xdc, math.floor(count / 256), count % 256)
+else
+  header = string.char(0xdd, math.floor(count / 16777216) % 256,
+                       math.floor(count / 65536) % 256, math.floor(count / 256) % 256,
+                       count % 256)
+end
+redis.call('PUBLISH', ARGV[1], header .. table.concat(parts))
+return count
+""")
