@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         scaler = Autoscaler(client, Keys(fleet.prefix), DEFAULT_MODEL,
                             ScalePolicy(min_workers=1, max_workers=2, target_requests=4,
                                         idle_s=20),
-                            lambda name: spawn(role_argv("worker"), fleet.supervisor.env))
+                            lambda name, _standby: spawn(role_argv("worker"),
+                                                           fleet.supervisor.env))
         stop = threading.Event()
         thread = threading.Thread(target=run, args=(scaler, stop.is_set), daemon=True)
         thread.start()

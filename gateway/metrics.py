@@ -24,7 +24,7 @@ from shared.telemetry import REQUEST_LATENCY_BUCKETS_S
 PREFIX = "tokenfleet:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 THROTTLE_CAUSES = ("backlog", "rate_limit")
-WORKER_STATES = ("starting", "ready", "draining")
+WORKER_STATES = ("starting", "standby", "ready", "draining")
 UNMATCHED_ROUTE = "unmatched"  # one label for every unknown path: bounded cardinality
 
 

@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     scale_to_zero: bool = False  # gateway: with no live worker, queue work and stay ready
     scale_down_idle_s: float = 30.0  # autoscaler: drain a worker idle (no request) this long
     scale_target_requests: int = 16  # autoscaler: queued + running requests per worker
+    scale_standby_workers: int = 0  # autoscaler: loaded spares waiting to be promoted
+    worker_standby: bool = False  # worker: load the model, then wait for SIGUSR1 to serve
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -111,8 +113,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 0")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("TOKENFLEET_METRICS_PORT must be 0 (off) or a port number")
-        if self.scale_down_idle_s < 0 or self.scale_target_requests < 1:
-            raise ValueError("TOKENFLEET_SCALE_DOWN_IDLE_S must be >= 0 and "
+        if self.scale_down_idle_s < 0 or self.scale_target_requests < 1 \
+                or self.scale_standby_workers < 0:
+            raise ValueError("TOKENFLEET_SCALE_DOWN_IDLE_S and _STANDBY_WORKERS must be >= 0, "
                              "TOKENFLEET_SCALE_TARGET_REQUESTS >= 1")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")

@@ -1,6 +1,6 @@
 """Workers follow the queue on one machine: ``tokenfleet up --workers auto``.
 
-Every ``TICK_S`` the autoscaler reads, for its model, the same queue depth the gateway's
+Every ``TICK_S`` (0.1 s) the autoscaler reads, for its model, the same queue depth the gateway's
 backpressure uses (``shared.queue_depth``: undelivered + running, over both lanes) and the
 heartbeats of its workers, and decides:
 
@@ -15,6 +15,11 @@ heartbeats of its workers, and decides:
   ``desired``. A busy worker is never signalled.
 - **crash loop**: a worker that exits on its own (not drained) holds further starts back
   1, 2, 4, ... up to 60 s, until a worker reports ready again.
+- **standby** (``TOKENFLEET_SCALE_STANDBY_WORKERS``, 0 by default): spares are started
+  with ``TOKENFLEET_WORKER_STANDBY=true``; they load and warm the model and wait without
+  reading the queue. A scale-up promotes spares first (SIGUSR1), then starts new workers,
+  and a new spare replaces each promoted one. Spares hold memory, not CPU, and are not
+  counted in ``[min_workers, max_workers]``.
 - **bootstrap**: when no worker ever published the model's info (a fresh Redis), one
   worker is started whatever ``min_workers`` says, so gateways can tokenize and queue
   requests for it; it scales away like any other once idle.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -41,13 +47,14 @@ from shared.queue_depth import parse_depths, queue_commands
 
 logger = logging.getLogger("tokenfleet.autoscale")
 
-TICK_S = 0.25
+TICK_S = 0.1  # a tick is two pipelined round trips (~8 commands)
 CRASH_BACKOFF_S = 1.0  # after a worker dies on its own: 1, 2, 4, ... s before the next start
 CRASH_BACKOFF_MAX_S = 60.0
 SCALER_STATE_TTL_S = 30
 STATE_READY = "ready"  # the worker heartbeat's state while it serves
 
-StartWorker = Callable[[str], subprocess.Popen[bytes]]  # name -> a started worker process
+# (name, standby) -> a started worker process; standby: TOKENFLEET_WORKER_STANDBY=true
+StartWorker = Callable[[str, bool], subprocess.Popen[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +63,15 @@ class ScalePolicy:
     max_workers: int
     target_requests: int  # queued + running requests per worker
     idle_s: float  # idle this long -> drained (when above desired)
+    standby: int = 0  # spares: started and loaded, promoted (SIGUSR1) on scale-up
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_workers <= self.max_workers or self.max_workers < 1:
             raise ValueError("need 0 <= --min-workers <= --max-workers and --max-workers >= 1")
         if self.target_requests < 1:
             raise ValueError("the target of requests per worker must be at least 1")
+        if self.standby < 0:
+            raise ValueError("the number of standby workers must be >= 0")
 
 
 def desired_workers(depth: int, policy: ScalePolicy) -> int:
@@ -93,6 +103,8 @@ class ManagedWorker:
     started_at: float  # unix
     idle_since: float | None = None  # monotonic
     drain_sent_at: float | None = None  # unix; set once SIGTERM was sent
+    is_standby: bool = False  # a spare, not reading the queue until promoted
+    promoted_at: float | None = None  # unix; when SIGUSR1 made a spare serve
 
     @property
     def is_draining(self) -> bool:
@@ -105,6 +117,7 @@ class Decision:
     desired: int
     workers: int  # live, not draining (starting ones included)
     started: list[str] = field(default_factory=list)
+    promoted: list[str] = field(default_factory=list)
     drained: list[str] = field(default_factory=list)
     reason: str = ""
 
@@ -133,7 +146,8 @@ class Autoscaler:
     def tick(self) -> Decision:
         self._reap()
         depth, is_known, beats = self._read()
-        live = [w for w in self.workers if not w.is_draining]
+        live = [w for w in self.workers if not w.is_draining and not w.is_standby]
+        spares = [w for w in self.workers if not w.is_draining and w.is_standby]
         desired = desired_workers(depth, self.policy)
         reason = f"{depth} queued+running / {self.policy.target_requests} per worker"
         if not is_known and not live:
@@ -144,12 +158,24 @@ class Autoscaler:
             decision.reason += (f"; starts held back {self._hold_until - self.clock():.1f} s "
                                 f"after {self._num_crashes} crash(es)")
         elif desired > len(live):
-            decision.started = [self._start().name for _ in range(desired - len(live))]
+            need = desired - len(live)
+            # only spares that heartbeat: their SIGUSR1 handler is installed (before the
+            # first beat); the default action of SIGUSR1 would kill a process still starting
+            signalled = [w for w in spares if w.proc.pid in beats][:need]
+            decision.promoted = [self._promote(w) for w in signalled]
+            decision.started = [self._start().name
+                                for _ in range(need - len(decision.promoted))]
         elif desired < len(live):
             decision.drained = self._drain_idle(live, len(live) - desired)
-        if decision.started or decision.drained:
-            logger.info("%s: %d -> %d workers (%s)%s%s", self.model, len(live), desired,
-                        reason, f"; started {', '.join(decision.started)}"
+        num_spares = len(spares) - len(decision.promoted)
+        if num_spares < self.policy.standby and self.clock() >= self._hold_until:
+            decision.started += [self._start(standby=True).name
+                                 for _ in range(self.policy.standby - num_spares)]
+        if decision.started or decision.drained or decision.promoted:
+            logger.info("%s: %d -> %d workers (%s)%s%s%s", self.model, len(live), desired,
+                        reason, f"; promoted {', '.join(decision.promoted)}"
+                        if decision.promoted else "",
+                        f"; started {', '.join(decision.started)}"
                         if decision.started else "",
                         f"; draining idle {', '.join(decision.drained)}"
                         if decision.drained else "")
@@ -239,20 +265,28 @@ class Autoscaler:
             drained.append(worker.name)
         return drained
 
-    def _start(self) -> ManagedWorker:
+    def _start(self, *, standby: bool = False) -> ManagedWorker:
         self._num_started += 1
-        name = f"worker-{self._num_started}"
-        worker = ManagedWorker(name=name, proc=self.start_worker(name), started_at=time.time())
+        name = f"{'spare' if standby else 'worker'}-{self._num_started}"
+        worker = ManagedWorker(name=name, proc=self.start_worker(name, standby),
+                               started_at=time.time(), is_standby=standby)
         self.workers.append(worker)
         return worker
+
+    def _promote(self, worker: ManagedWorker) -> str:
+        """SIGUSR1: the spare serves as soon as its model is loaded (at once if it is)."""
+        worker.proc.send_signal(signal.SIGUSR1)
+        worker.is_standby = False
+        worker.promoted_at = time.time()
+        return worker.name
 
     def _reap(self) -> None:
         for worker in [w for w in self.workers if w.proc.poll() is not None]:
             self.workers.remove(worker)
             code = worker.proc.returncode
             self.exited.append((worker, code))
-            if worker.is_draining and code == 0:
-                logger.info("%s drained and exited", worker.name)
+            if worker.is_draining:  # we sent SIGTERM: a drain, or a stop while it started
+                logger.info("%s drained and exited (code %s)", worker.name, code)
                 continue
             self._num_crashes += 1
             delay = min(CRASH_BACKOFF_MAX_S, CRASH_BACKOFF_S * 2 ** (self._num_crashes - 1))
@@ -261,7 +295,8 @@ class Autoscaler:
                            "it) in %.0f s", worker.name, code, delay)
 
     def _publish(self, decision: Decision) -> None:
-        state = {"desired": decision.desired, "workers": decision.workers,
+        standby = sum(1 for w in self.workers if w.is_standby and not w.is_draining)
+        state = {"desired": decision.desired, "workers": decision.workers, "standby": standby,
                  "depth": decision.depth, "reason": decision.reason, "at": time.time(),
                  "min": self.policy.min_workers, "max": self.policy.max_workers}
         try:

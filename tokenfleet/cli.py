@@ -111,7 +111,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             min_workers=0 if args.min_workers is None else args.min_workers,
             max_workers=DEFAULT_MAX_WORKERS if args.max_workers is None else args.max_workers,
             target_requests=settings.scale_target_requests,
-            idle_s=settings.scale_down_idle_s)
+            idle_s=settings.scale_down_idle_s, standby=settings.scale_standby_workers)
     except ValueError as exc:
         raise TokenfleetError(str(exc)) from exc
     return run_up(settings, 0, policy)

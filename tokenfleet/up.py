@@ -136,9 +136,10 @@ def make_autoscaler(settings: Settings, policy: ScalePolicy,
     when drained, which must not stop the fleet), each with a free metrics port."""
     import redis
 
-    def start(name: str) -> subprocess.Popen[bytes]:
+    def start(name: str, standby: bool) -> subprocess.Popen[bytes]:
         port = free_port()
-        proc = spawn(role_argv("worker"), {**env, "TOKENFLEET_METRICS_PORT": str(port)})
+        proc = spawn(role_argv("worker"), {**env, "TOKENFLEET_METRICS_PORT": str(port),
+                                           "TOKENFLEET_WORKER_STANDBY": str(standby).lower()})
         logger.info("started %s (pid %d), metrics on :%d", name, proc.pid, port)
         return proc
 

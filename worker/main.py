@@ -24,6 +24,7 @@ from worker.http_server import WorkerHttpServer
 from worker.metrics import WorkerMetrics
 from worker.null_engine import NullEngine, null_model_info
 from worker.service import ShutdownSignal, WorkerService
+from worker.standby import STATE_STANDBY, Promotion
 from worker.startup import StartupClock
 from worker.telemetry import TelemetryWriter
 
@@ -66,6 +67,9 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     shutdown.install()
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
                           quantization=settings.quantization, dtype=settings.dtype)
+    promotion = Promotion()
+    if settings.worker_standby:
+        promotion.install()  # before the model loads: an early SIGUSR1 is remembered
     metrics = WorkerMetrics(settings.model_name, status.worker_id)
     clock = metrics.start_clock()
     http = start_http_server(settings, metrics, status)  # probes answer while it loads
@@ -81,6 +85,10 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
             logger.error("could not load the model: %s", exc)
             return 1
         metrics.describe(model_info.dtype, model_info.quantization)
+        if settings.worker_standby and not wait_as_standby(status, promotion, shutdown):
+            return 0  # stopped before it was promoted: it never took anything
+        if settings.worker_standby:
+            clock.mark("standby")
         return serve(settings, engine, model_info, status=status, shutdown=shutdown,
                      metrics=metrics)
     finally:
@@ -88,6 +96,17 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
         heartbeat.stop()
         if http is not None:
             http.stop()
+
+
+def wait_as_standby(status: WorkerStatus, promotion: Promotion,
+                    shutdown: ShutdownSignal) -> bool:
+    """Loaded and warm; heartbeat ``standby`` until SIGUSR1 (-> True) or SIGTERM (-> False)."""
+    status.state = STATE_STANDBY
+    logger.info("standby: model loaded; waiting for SIGUSR1 to serve")
+    promoted = promotion.wait(lambda: shutdown.is_requested)
+    if promoted:
+        logger.info("promoted: serving")
+    return promoted
 
 
 def start_http_server(settings: Settings, metrics: WorkerMetrics,

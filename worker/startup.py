@@ -3,8 +3,9 @@
 
 Stages, in order: ``imports`` (interpreter + tokenfleet's modules, up to ``worker.main``),
 ``torch_import`` (torch and transformers), ``weights`` (resolve + load the checkpoint),
-``warmup`` (one short request through prefill and decode), ``serving`` (consumer groups and
-model info in Redis: the loop is ready). Each is logged in one line at the end and exposed as
+``warmup`` (one short request through prefill and decode), ``standby`` (only for a standby
+worker: the wait for its promotion), ``serving`` (consumer groups and model info in Redis:
+the loop is ready). Each is logged in one line at the end and exposed as
 ``tokenfleet:worker_startup_seconds{stage}``; docs/benchmarks.md has measured numbers.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("imports", "torch_import", "weights", "warmup", "serving")
+STAGES = ("imports", "torch_import", "weights", "warmup", "standby", "serving")
 
 
 def process_started_at() -> float | None:

@@ -16,10 +16,11 @@ from shared.keys import Keys
 from shared.telemetry import SAMPLE_INTERVAL_S, queue_sample
 from worker.heartbeat import STATE_DRAINING, STATE_READY, STATE_STARTING, WorkerStatus
 from worker.metrics import WorkerMetrics
+from worker.standby import STATE_STANDBY
 
 logger = logging.getLogger(__name__)
 
-STATES = (STATE_STARTING, STATE_READY, STATE_DRAINING)
+STATES = (STATE_STARTING, STATE_STANDBY, STATE_READY, STATE_DRAINING)
 
 
 class TelemetryWriter:

@@ -117,7 +117,8 @@ function renderQueues(models) {
     cell(row, fmtNumber(lane.depth), "num");
     cell(row, fmtNumber(m.dead_letters), "num");
     const s = m.scaler;
-    cell(row, s ? `${s.workers} → ${s.desired} (${s.reason || ""})` : "–");
+    const spares = s && s.standby ? ` + ${s.standby} standby` : "";
+    cell(row, s ? `${s.workers} → ${s.desired}${spares} (${s.reason || ""})` : "–");
   }
 }
 

@@ -60,7 +60,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 
 def start_worker_in(fleet: Fleet) -> object:
-    def start(name: str) -> subprocess.Popen[bytes]:
+    def start(name: str, _standby: bool) -> subprocess.Popen[bytes]:
         log = open(fleet.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with it
         return subprocess.Popen(role_argv("worker"), cwd=REPO,
                                 env=fleet.env, stdout=log, stderr=subprocess.STDOUT)
@@ -142,3 +142,51 @@ def test_scales_from_zero_to_several_and_back_to_zero(fleet: Fleet) -> None:
     assert client.xlen(keys.dead_letter_stream(MODEL)) == 0
     assert json.loads(client.hget(keys.fleet_scaler, MODEL) or b"{}")["desired"] == 0
     client.close()
+
+
+def test_a_standby_spare_serves_the_first_request_from_zero(fleet: Fleet) -> None:
+    """With one spare (loaded, not reading the queue) a request at an empty fleet is served
+    by the promoted spare, and a new spare takes its place."""
+    client = redis.Redis.from_url(fleet.redis.url)
+    keys = Keys(PREFIX)
+
+    def start(name: str, standby: bool) -> subprocess.Popen[bytes]:
+        log = open(fleet.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with it
+        env = {**fleet.env, "TOKENFLEET_WORKER_STANDBY": str(standby).lower()}
+        return subprocess.Popen(role_argv("worker"), cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+    policy = ScalePolicy(min_workers=0, max_workers=2, target_requests=4, idle_s=1.0,
+                         standby=1)
+    scaler = Autoscaler(client, keys, MODEL, policy, start)  # type: ignore[arg-type]
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(scaler, stop.is_set, 0.1), daemon=True)
+    thread.start()
+
+    def states() -> dict[int, str]:
+        ids = [raw.decode() for raw in client.zrange(keys.workers, 0, -1)]
+        return {int(i.rsplit("-", 2)[1]): (client.hget(keys.worker(i), "state") or b"").decode()
+                for i in ids}
+
+    try:
+        wait_for(lambda: client.sismember(keys.models, MODEL), timeout_s=60, interval_s=0.1)
+        wait_for(lambda: [w.is_standby for w in scaler.workers] == [True]
+                 and states().get(scaler.workers[0].proc.pid) == "standby",
+                 timeout_s=60, interval_s=0.1)  # bootstrap gone, the spare loaded
+        spare = scaler.workers[0]
+        assert httpx.get(f"{fleet.url}/readyz").json()["workers"] == 0  # a spare is not ready
+        response = httpx.post(f"{fleet.url}/v1/completions", timeout=60,
+                              json={"model": MODEL, "prompt": "hello", "max_tokens": 4})
+        assert response.status_code == 200, response.text
+        job = httpx.get(f"{fleet.url}/v1/jobs/{response.json()['id']}").json()
+        assert f"-{spare.proc.pid}-" in job["worker"]  # the promoted spare served it
+        assert spare.promoted_at is not None and not spare.is_standby
+        wait_for(lambda: [states().get(w.proc.pid) for w in scaler.workers
+                          if w.is_standby] == ["standby"],
+                 timeout_s=30, interval_s=0.1)  # a new spare replaces it, loaded
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        scaler.stop(timeout_s=30)
+        client.close()
+    assert all(code == 0 for worker, code in scaler.exited), scaler.exited

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from shared.keys import WORKER_GROUP, Keys
+from tests.integration.waiting import wait_for
 from tokenfleet.autoscale import Autoscaler, ScalePolicy, desired_workers, pid_of
 
 KEYS = Keys("tfscale")
@@ -72,7 +75,7 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def make_scaler(client: redis.Redis, procs: list[subprocess.Popen[bytes]], clock: Clock,
                 **overrides: float) -> Autoscaler:
-    def start(_name: str) -> subprocess.Popen[bytes]:
+    def start(_name: str, _standby: bool) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(["sleep", "60"])
         procs.append(proc)
         return proc
@@ -179,3 +182,42 @@ def test_a_worker_that_dies_is_replaced_while_the_queue_needs_it(
     scaler.tick()
     clock.now += 1.01
     assert scaler.tick().started == ["worker-4"]
+
+
+SPARE = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: open(sys.argv[1], "w").write("promoted"))
+open(sys.argv[2], "w").write("up")
+time.sleep(60)
+"""
+
+
+def test_spares_are_kept_and_promoted_before_anything_starts(
+        client: redis.Redis, procs: list[subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    client.sadd(KEYS.models, MODEL)
+    started: list[tuple[str, bool]] = []
+
+    def start(name: str, standby: bool) -> subprocess.Popen[bytes]:
+        started.append((name, standby))
+        proc = subprocess.Popen([sys.executable, "-c", SPARE, str(tmp_path / f"{name}.promoted"),
+                                 str(tmp_path / f"{name}.up")])
+        procs.append(proc)
+        return proc
+
+    scaler = Autoscaler(client, KEYS, MODEL, policy(standby=1), start, clock=Clock())
+    decision = scaler.tick()
+    assert (decision.desired, decision.started) == (0, ["spare-1"])
+    assert started == [("spare-1", True)]
+    wait_for(lambda: (tmp_path / "spare-1.up").exists(), timeout_s=10)
+    queue(client, 2)
+    assert scaler.tick().promoted == []  # no heartbeat yet: not signalled, a worker starts
+    assert started[-1] == ("worker-2", False)
+    client.delete(KEYS.requests_stream(MODEL, "interactive"))
+    queue(client, 6)  # desired 2: one live, the spare is promoted once it heartbeats
+    beat(client, procs[0].pid, state="standby")
+    decision = scaler.tick()
+    assert decision.promoted == ["spare-1"] and decision.started == ["spare-3"]
+    wait_for(lambda: (tmp_path / "spare-1.promoted").exists(), timeout_s=10)
+    assert procs[0].poll() is None  # SIGUSR1 promoted it, did not kill it
+    state = json.loads(client.hget(KEYS.fleet_scaler, MODEL) or b"{}")
+    assert (state["workers"], state["desired"], state["standby"]) == (1, 2, 1)  # before -> target
