@@ -1,7 +1,8 @@
 """Load to look at the dashboard: a private fleet (gateway, autoscaled real workers), a few
 concurrent chat clients for a while, then a headless-Chromium screenshot of /dashboard.
 
-    python -m bench.dashboard_demo --seconds 120 --clients 6 --out docs/img/dashboard.png
+    python -m bench.dashboard_demo --seconds 120 --clients 6 --standby 1 \
+        --out docs/img/dashboard.png
 
 Needs selenium and chromium + chromium-driver (what the dashboard test uses).
 """
@@ -73,15 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("docs/img/dashboard.png"))
+    parser.add_argument("--standby", type=int, default=0, help="loaded spare workers")
     args = parser.parse_args(argv)
     env = {"TOKENFLEET_SCALE_TO_ZERO": "true", "TOKENFLEET_SCALE_DOWN_IDLE_S": "20"}
     with LocalFleet(env, workers=0) as fleet:
         client = redis.Redis.from_url(fleet.redis_url)
         scaler = Autoscaler(client, Keys(fleet.prefix), DEFAULT_MODEL,
                             ScalePolicy(min_workers=1, max_workers=2, target_requests=4,
-                                        idle_s=20),
-                            lambda name, _standby: spawn(role_argv("worker"),
-                                                           fleet.supervisor.env))
+                                        idle_s=20, standby=args.standby),
+                            lambda name, standby: spawn(role_argv("worker"), {
+                                **fleet.supervisor.env,
+                                "TOKENFLEET_WORKER_STANDBY": str(standby).lower()}))
         stop = threading.Event()
         thread = threading.Thread(target=run, args=(scaler, stop.is_set), daemon=True)
         thread.start()
