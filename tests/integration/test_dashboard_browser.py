@@ -58,17 +58,26 @@ def browser() -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
+# Read in one script call each: the page redraws its tables every poll, so an element found
+# by one WebDriver call may be gone by the next (StaleElementReferenceException).
 def text_of(browser: webdriver.Chrome, element_id: str) -> str:
-    return browser.find_element(By.ID, element_id).text
+    return str(browser.execute_script(
+        "return document.getElementById(arguments[0]).innerText", element_id))
 
 
 def rows(browser: webdriver.Chrome, table: str, attribute: str) -> list[str]:
-    return [row.get_attribute(attribute) or "" for row in
-            browser.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[{attribute}]")]
+    return list(browser.execute_script(
+        "return [...document.querySelectorAll(`#${arguments[0]} tbody tr[${arguments[1]}]`)]"
+        ".map((row) => row.getAttribute(arguments[1]))", table, attribute))
+
+
+def first_row_text(browser: webdriver.Chrome, table: str) -> str:
+    return str(browser.execute_script(
+        "return document.querySelector(`#${arguments[0]} tbody tr`).innerText", table))
 
 
 def updates(browser: webdriver.Chrome) -> int:
-    return int(browser.find_element(By.TAG_NAME, "body").get_attribute("data-updates") or 0)
+    return int(browser.execute_script("return Number(document.body.dataset.updates || 0)"))
 
 
 def test_dashboard_shows_the_live_fleet_and_follows_requests(
@@ -78,7 +87,7 @@ def test_dashboard_shows_the_live_fleet_and_follows_requests(
     workers = httpx.get(f"{fleet.url}/v1/fleet").json()["workers"]
     wait_for(lambda: rows(browser, "workers", "data-worker-id") == [workers[0]["id"]],
              timeout_s=10, interval_s=0.1)
-    worker_row = browser.find_element(By.CSS_SELECTOR, "#workers tbody tr").text
+    worker_row = first_row_text(browser, "workers")
     assert MODEL in worker_row and "ready" in worker_row
     assert text_of(browser, "stat-workers") == "1 / 1"
     assert text_of(browser, "stat-finished") == "0"
@@ -96,10 +105,11 @@ def test_dashboard_shows_the_live_fleet_and_follows_requests(
              timeout_s=20, interval_s=0.2)  # workers write their sample every 2 s
     wait_for(lambda: text_of(browser, "stat-finished") == str(NUM_REQUESTS),
              timeout_s=20, interval_s=0.2)  # once the 5 s bucket is complete
-    job_row = browser.find_element(By.CSS_SELECTOR, "#jobs tbody tr").text
+    job_row = first_row_text(browser, "jobs")
     assert "length" in job_row and MODEL in job_row
     assert text_of(browser, "stat-ttft") != "\u2013"  # the dash shown before any data
-    assert "error" not in browser.find_element(By.ID, "status-line").get_attribute("class")
+    assert not browser.execute_script(
+        "return document.getElementById('status-line').classList.contains('error')")
 
     screenshot = os.environ.get("TOKENFLEET_DASHBOARD_SCREENSHOT")
     if screenshot:
