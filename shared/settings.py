@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = 10.0  # per delivery: connect + answer
     webhook_allow_private: bool = False  # allow loopback/private/link-local webhook hosts
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check_async_jobs(self) -> Settings:
         if not 1 <= self.idempotency_ttl_s <= self.job_ttl_s:
