@@ -182,7 +182,7 @@ class WebhookDispatcher:
 
     async def recover(self) -> None:
         """Events read by a dispatcher that died before scheduling them."""
-        _, claimed, *_ = await self.redis.xautoclaim(
+        claimed = await self.redis.xautoclaim(  # with justid, redis-py gives the ids alone
             self.keys.webhook_events, WEBHOOK_GROUP, self.consumer, RECOVER_IDLE_MS,
             start_id="0-0", count=READ_COUNT, justid=True)
         if claimed:
