@@ -36,7 +36,7 @@ class Delivery:
 
 
 @dataclass
-class TestReceiver:
+class Receiving:
     """What arrived: every attempt, and each event the example receiver accepted."""
 
     secret: str
@@ -79,9 +79,9 @@ class TestReceiver:
 
 @contextlib.contextmanager
 def receiving(secret: str, *, fail_first: int = 0,
-              fail_always: bool = False) -> Iterator[TestReceiver]:
+              fail_always: bool = False) -> Iterator[Receiving]:
     example = example_module()
-    state = TestReceiver(secret=secret, fail_first=fail_first, fail_always=fail_always)
+    state = Receiving(secret=secret, fail_first=fail_first, fail_always=fail_always)
 
     def on_job(event: str, job: dict[str, Any]) -> None:
         with state._lock:
