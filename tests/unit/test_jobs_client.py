@@ -163,3 +163,23 @@ def test_a_delivery_goes_to_the_checked_address() -> None:
     ("::ffff:10.0.0.1", False), ("224.0.0.1", False)])
 def test_public_addresses(address: str, public: bool) -> None:
     assert is_public_address(address) is public
+
+
+def test_up_says_whether_webhooks_are_on() -> None:
+    from shared.settings import Settings
+    from tokenfleet.up import webhooks_mode
+
+    assert webhooks_mode(Settings()).startswith("off (set TOKENFLEET_WEBHOOK_SECRET")
+    on = webhooks_mode(Settings(webhook_secret=new_secret(), webhook_allow_private=True))
+    assert on.startswith("one dispatcher") and "private hosts allowed" in on
+
+
+@pytest.mark.parametrize("secret", ["hunter2", "whsec_!!!", "whsec_" + "QQ==" * 2])
+def test_a_bad_webhook_secret_is_refused_at_start(secret: str) -> None:
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
+    with pytest.raises(ValidationError, match="TOKENFLEET_WEBHOOK_SECRET"):
+        Settings(webhook_secret=secret)
+    assert Settings(webhook_secret="").webhook_secret is None  # compose's empty default
