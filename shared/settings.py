@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: float = 10.0
     claim_idle_ms: int = 30_000  # pending this long with no progress -> another worker claims
+    stall_timeout_s: float = 300.0  # a loop turn this long: stop refreshing, let others claim
     max_deliveries: int = 3
     drain_timeout_s: float = 30.0
     backlog_limit: int = 4096  # stream length + pending above this -> 429

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -193,11 +194,19 @@ class Toucher:
     """Touches our in-flight entries from a daemon thread, every ``interval_s``, so a long
     engine step never makes a live worker's entries look stalled (a stopped process, or a
     Redis it cannot reach, still does). The loop publishes what is in flight with
-    ``set_in_flight`` and collects what turned out lost with ``take_lost``."""
+    ``set_in_flight`` and collects what turned out lost with ``take_lost``.
 
-    def __init__(self, reclaimer: Reclaimer, interval_s: float) -> None:
+    A loop that has not called ``mark_progress`` for ``stall_timeout_s`` (a step wedged in
+    the model, a hung device) is not alive in any useful sense: the toucher stops touching,
+    so other workers claim its requests after the claim idle time, and it logs why once."""
+
+    def __init__(self, reclaimer: Reclaimer, interval_s: float,
+                 stall_timeout_s: float = float("inf")) -> None:
         self.reclaimer = reclaimer
         self.interval_s = interval_s
+        self.stall_timeout_s = stall_timeout_s
+        self._progress_at = time.monotonic()
+        self._is_stalled = False
         self._in_flight: tuple[tuple[str, bytes], ...] = ()
         self._lost: set[tuple[str, bytes]] = set()
         self._lock = threading.Lock()
@@ -215,6 +224,23 @@ class Toucher:
     def set_in_flight(self, in_flight: Iterable[tuple[str, bytes]]) -> None:
         self._in_flight = tuple(in_flight)  # one reference swap: no lock needed
 
+    def mark_progress(self) -> None:
+        """The loop is turning (called once per loop turn)."""
+        self._progress_at = time.monotonic()
+
+    def is_stalled(self) -> bool:
+        stalled_s = time.monotonic() - self._progress_at
+        is_stalled = stalled_s > self.stall_timeout_s
+        if is_stalled != self._is_stalled:
+            self._is_stalled = is_stalled
+            if is_stalled:
+                logger.error("the worker loop has not advanced for %.0f s (a wedged step?): "
+                             "no longer refreshing its %d request(s), so other workers "
+                             "claim them", stalled_s, len(self._in_flight))
+            else:
+                logger.warning("the worker loop is advancing again")
+        return is_stalled
+
     def take_lost(self) -> set[tuple[str, bytes]]:
         with self._lock:
             lost, self._lost = self._lost, set()
@@ -223,7 +249,7 @@ class Toucher:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             in_flight = self._in_flight
-            if not in_flight:
+            if not in_flight or self.is_stalled():
                 continue
             try:
                 lost = self.reclaimer.touch(in_flight)

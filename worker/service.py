@@ -139,7 +139,8 @@ class WorkerService:
         self._next_maintenance_at = 0.0
         self._next_cancel_check_at = 0.0
         self._maintenance_interval_s = maintenance_interval_s(settings.claim_idle_ms)
-        self.toucher = Toucher(self.reclaimer, self._maintenance_interval_s)
+        self.toucher = Toucher(self.reclaimer, self._maintenance_interval_s,
+                               settings.stall_timeout_s)
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class WorkerService:
         self.shutdown.request()
 
     def poll_once(self) -> None:
+        self.toucher.mark_progress()
         if self._needs_setup:
             self._setup()
         if not self.publisher.outbox.is_empty:

@@ -18,11 +18,12 @@ import uvicorn
 from gateway import reader
 from gateway.app import create_app
 from shared.keys import Keys
+from shared.protocol import unpack_request
 from shared.settings import Settings
 from tests.conftest import RedisServer, free_port
 from tests.support.gateway import gateway_client, parse_sse
 from tests.support.model import tiny_model_info
-from tests.support.worker import running_worker
+from tests.support.worker import register_worker, running_worker
 
 PREFIX = "tftest"
 KEYS = Keys(PREFIX)
@@ -91,15 +92,21 @@ async def test_malformed_event_batches_are_dropped(settings: Settings,
 
 async def test_still_queued_past_the_timeout_is_504_queue_timeout_and_cancels(
         redis_url: str, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker ever reads the request (the only worker registered serves nothing): the
+    gateway gives up at the deadline, answers 504 queue_timeout and flags it cancelled, so
+    a worker that reads it later skips it."""
     monkeypatch.setattr(reader, "QUEUE_TIMEOUT_GRACE_S", 0.1)
     monkeypatch.setattr(reader, "IDLE_CHECK_S", 0.05)
     settings = Settings(redis_url=redis_url, key_prefix=PREFIX, request_timeout_s=0.3)
-    async with gateway_client(settings) as (http, _), \
-            running_worker(settings, tiny_model_info()) as worker:
-        response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "STALL"})
-        assert response.status_code == 504
-        assert response.json()["error"]["code"] == "queue_timeout"
-        assert await redis.get(KEYS.cancel(worker.served[0])) == b"1"
+    register_worker(settings, tiny_model_info())
+    async with gateway_client(settings) as (http, _):
+        response = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "queue_timeout"
+    [entry] = await redis.xrange(KEYS.requests_stream("tiny", "interactive"))
+    request = unpack_request(entry[1][b"m"])
+    assert await redis.get(KEYS.cancel(request.id)) == b"1"
+    assert await redis.hget(KEYS.job(request.id), "status") == b"cancelled"
 
 
 async def test_client_leaving_a_stream_cancels_its_request(settings: Settings,
