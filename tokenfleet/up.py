@@ -42,6 +42,15 @@ def auth_mode(settings: Settings) -> str:
             f"Redis (`tokenfleet keys create`); default limits per key: {limits or 'none'}")
 
 
+def webhooks_mode(settings: Settings) -> str:
+    """One line saying whether jobs may name a webhook (a dispatcher runs) or not."""
+    if settings.webhook_secret is None:
+        return ("off (set TOKENFLEET_WEBHOOK_SECRET, e.g. from `tokenfleet webhooks secret`, "
+                "to deliver job webhooks)")
+    private = ", private hosts allowed" if settings.webhook_allow_private else ""
+    return f"one dispatcher, signed with TOKENFLEET_WEBHOOK_SECRET{private}"
+
+
 def stop_timeout_s(settings: Settings) -> float:
     """How long ``up`` waits for its children to drain before it kills them."""
     gateway_s = settings.gateway_shutdown_delay_s + settings.gateway_drain_timeout_s
@@ -88,6 +97,8 @@ def run_up(settings: Settings, workers: int) -> int:
         for index in range(workers):
             fleet.start_role(f"worker-{index + 1}", "worker")
         fleet.start_role("orchestrator", "orchestrator")  # drives offline batches (arq)
+        if settings.webhook_secret is not None:  # without a secret no job may name a webhook
+            fleet.start_role("webhooks", "webhooks", "run")
         banner = _banner(settings, redis_text, workers, model)
         return fleet.supervise(_print_when_ready(settings, banner))
     finally:
@@ -118,6 +129,7 @@ def _banner(settings: Settings, redis_text: str, workers: int, model: str) -> st
         f"  model:    {model}",
         f"  workers:  {workers} (engine: {settings.engine})",
         "  batches:  one orchestrator (tokenfleet enqueue FILE.jsonl)",
+        f"  webhooks: {webhooks_mode(settings)}",
         f"  auth:     {auth_mode(settings)}",
         "Press Ctrl-C to stop.",
         "",
