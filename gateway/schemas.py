@@ -103,3 +103,8 @@ class JobRequest(GenerationParams):
 
     messages: list[ChatMessage] | None = None
     prompt: str | list[Any] | None = None
+    webhook: str | None = Field(default=None, description="URL to POST the job to when it "
+                                "starts or completes (http or https)")
+    webhook_events_filter: list[str] | None = Field(
+        default=None, description='events sent to the webhook: "start", "completed" '
+        '(default ["completed"])')

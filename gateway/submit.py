@@ -1,7 +1,8 @@
 """From a validated body to a queued request: tokenize, size, and enqueue atomically.
 
-``enqueue`` writes the job hash and the stream entry in one MULTI/EXEC, so a request is
-either fully queued (job record + stream entry) or not at all.
+``enqueue`` writes the job hash and the stream entry in one script (``ENQUEUE_LUA``), with
+the job's queue number, its entry in the key's job index and its ``Idempotency-Key``
+binding, so a request is either fully queued or not at all.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError, ResponseError
 
 from gateway.auth import Principal
+from gateway.idempotency import Claim, IdempotentReplay, mismatch
 from gateway.openai_format import Kind
 from gateway.schemas import ChatMessage, GenerationParams
 from gateway.state import GatewayState
@@ -32,7 +34,7 @@ from gateway.validate import (
     stop_sequences,
 )
 from shared.errors import InvalidRequestError, RateLimitedError, ServiceUnavailableError
-from shared.job_record import STATUS_QUEUED, JobRecord
+from shared.job_record import ENQUEUE_LUA, STATUS_QUEUED, JobRecord
 from shared.protocol import GenerateRequest, pack
 
 ID_PREFIXES: dict[str, str] = {"chat": "chatcmpl", "completion": "cmpl", "job": "job"}
@@ -48,6 +50,10 @@ class Submission:
     kind: Kind
     stream: bool
     include_usage: bool
+    idempotency: Claim | None = None  # bound to the job by enqueue
+    is_listed: bool = False  # in the key's job index (GET /v1/jobs): jobs, not chat
+    webhook: str | None = None
+    webhook_events: str | None = None  # comma-separated filter
 
     @property
     def id(self) -> str:
@@ -63,7 +69,8 @@ class Submission:
             status=STATUS_QUEUED, model=request.model, owner=request.owner, kind=self.kind,
             lane=request.lane, stream=self.stream, created_at=request.created_at,
             prompt_tokens=self.num_prompt_tokens, max_tokens=request.params.max_tokens,
-            gateway=gateway_id,
+            gateway=gateway_id, webhook=self.webhook, webhook_events=self.webhook_events,
+            idempotency=self.idempotency.key if self.idempotency else None,
         ).to_mapping()
 
 
@@ -140,21 +147,33 @@ async def encode(tokenizer: PromptTokenizer, chat: list[dict[str, str]] | None,
 
 
 async def enqueue(gw: GatewayState, submission: Submission) -> None:
-    """Job hash + stream entry in one transaction; on failure nothing is left behind."""
+    """Job hash, stream entry, index entry and idempotency binding in one script; on failure
+    nothing is left behind. ``IdempotentReplay`` when the submission's ``Idempotency-Key``
+    is already bound to a job (a concurrent retry queued first): nothing was written."""
     request = submission.request
     keys = gw.keys
+    settings = gw.settings
     job_key = keys.job(request.id)
-    stream = keys.requests_stream(request.model, request.lane)
+    claim = submission.idempotency
+    items = [part for pair in submission.job_fields(gw.gateway_id).items() for part in pair]
+    script = gw.redis.register_script(ENQUEUE_LUA)
     try:
-        async with gw.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key, mapping=submission.job_fields(gw.gateway_id))
-            pipe.expire(job_key, gw.settings.job_ttl_s)
-            pipe.xadd(stream, {"m": pack(request)}, maxlen=gw.settings.stream_maxlen,
-                      approximate=True)
-            await pipe.execute()
+        queued, job_id, bound_fingerprint = await script(
+            keys=[job_key, keys.requests_stream(request.model, request.lane),
+                  keys.queue_added(request.model, request.lane), keys.owner_jobs(request.owner),
+                  claim.key if claim else keys.idempotency(request.owner, "none")],
+            args=[settings.job_ttl_s, settings.stream_maxlen, pack(request),
+                  repr(request.created_at), int(submission.is_listed),
+                  repr(request.created_at - settings.job_ttl_s), claim.ttl_s if claim else 0,
+                  claim.fingerprint if claim else "", request.id, *items])
     except ResponseError:
-        # EXEC ran but a command failed (Redis has no rollback): remove the job record.
+        # The script failed after a write (Redis has no rollback): remove the job record.
         with contextlib.suppress(RedisError):
             await gw.redis.delete(job_key)
         raise
+    if not queued:
+        assert claim is not None
+        if bound_fingerprint.decode() != claim.fingerprint:
+            raise mismatch()
+        raise IdempotentReplay(job_id.decode())
     gw.metrics.on_submitted(request.model, submission.kind, request.lane)

@@ -16,14 +16,28 @@ class InvalidRequestError(TokenfleetError):
 
     status_code = 400
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.code = code
 
 
 class ModelNotFoundError(InvalidRequestError):
     status_code = 404
+
+
+class ConflictError(InvalidRequestError):
+    """The request is valid but the resource's state does not allow it now (409), e.g.
+    purging a job that has not finished."""
+
+    status_code = 409
+
+
+class IdempotencyKeyReusedError(InvalidRequestError):
+    """An ``Idempotency-Key`` sent again with a different request (422)."""
+
+    status_code = 422
 
 
 class JobNotFoundError(TokenfleetError):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 LANES: tuple[str, ...] = ("interactive", "batch")  # read in this order: interactive first
 WORKER_GROUP = "workers"
+WEBHOOK_GROUP = "dispatchers"  # consumer group of the webhook dispatchers
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,49 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         """String set when a client cancels; workers check it between steps."""
         return f"{self.prefix}:cancel:{job_id}"
+
+    def owner_jobs(self, owner: str) -> str:
+        """Sorted set: job id -> created_at of the jobs a key created with ``POST /v1/jobs``
+        (``owner`` "" when auth is off); trimmed to ``TOKENFLEET_JOB_TTL_S`` at each insert."""
+        return f"{self.prefix}:jobs:by-owner:{owner}"
+
+    def idempotency(self, owner: str, digest: str) -> str:
+        """Hash: the request fingerprint and job id an ``Idempotency-Key`` (its SHA-256
+        ``digest``) of one API key is bound to, for ``TOKENFLEET_IDEMPOTENCY_TTL_S``."""
+        return f"{self.prefix}:idem:{owner}:{digest}"
+
+    # --- queue position -----------------------------------------------------------------
+    def queue_added(self, model: str, lane: str) -> str:
+        """Counter: entries ever added to a lane's request stream (its ``entries-added``);
+        each job stores its own number (``queue_seq``) to compute its queue position."""
+        return f"{self.prefix}:queue:added:{model}:{lane}"
+
+    def queue_rate(self, model: str) -> str:
+        """Hash: the model's measured dequeue rate (requests/s), for ``estimated_start_s``."""
+        return f"{self.prefix}:queue:rate:{model}"
+
+    # --- webhooks -----------------------------------------------------------------------
+    @property
+    def webhook_events(self) -> str:
+        """Stream (group ``WEBHOOK_GROUP``) of webhook events, written with the job's
+        start or terminal write; each holds a snapshot of the job record and text."""
+        return f"{self.prefix}:webhooks:events"
+
+    @property
+    def webhook_due(self) -> str:
+        """Sorted set: webhook event entry id -> unix time its next delivery attempt is due."""
+        return f"{self.prefix}:webhooks:due"
+
+    @property
+    def webhook_attempts(self) -> str:
+        """Hash: webhook event entry id -> delivery attempts made so far."""
+        return f"{self.prefix}:webhooks:attempts"
+
+    @property
+    def webhook_dead(self) -> str:
+        """Stream: webhook events given up after ``TOKENFLEET_WEBHOOK_MAX_ATTEMPTS`` (for
+        operators: the event, the URL, the last error)."""
+        return f"{self.prefix}:webhooks:dead"
 
     # --- live token delivery ------------------------------------------------------------
     def gateway_channel(self, gateway_id: str) -> str:

@@ -157,3 +157,47 @@ class Settings(BaseSettings):
             raise ValueError("TOKENFLEET_BATCH_LEASE_S and TOKENFLEET_BATCH_SLICE_S must be "
                              ">= 1 and TOKENFLEET_BATCH_POLL_S > 0")
         return self
+
+    # --- Async jobs: idempotency and webhooks (gateway/idempotency.py, webhooks/) ---------
+    idempotency_ttl_s: int = 86_400  # how long an Idempotency-Key is bound to its request
+    webhook_secret: str | None = None  # "whsec_<base64>" (Standard Webhooks); unset: off
+    webhook_max_attempts: int = 10  # deliveries of one event before it is dead-lettered
+    webhook_retry_base_s: float = 1.0  # first retry after ~this; doubles, with jitter
+    webhook_timeout_s: float = 10.0  # per delivery: connect + answer
+    webhook_allow_private: bool = False  # allow loopback/private/link-local webhook hosts
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _unset_if_empty(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_async_jobs(self) -> Settings:
+        if not 1 <= self.idempotency_ttl_s <= self.job_ttl_s:
+            raise ValueError("TOKENFLEET_IDEMPOTENCY_TTL_S must be >= 1 and <= "
+                             "TOKENFLEET_JOB_TTL_S (a key must not outlive its job)")
+        if self.webhook_max_attempts < 1:
+            raise ValueError("TOKENFLEET_WEBHOOK_MAX_ATTEMPTS must be >= 1")
+        if self.webhook_retry_base_s <= 0 or self.webhook_timeout_s <= 0:
+            raise ValueError("TOKENFLEET_WEBHOOK_RETRY_BASE_S and TOKENFLEET_WEBHOOK_TIMEOUT_S "
+                             "must be > 0")
+        if self.webhook_secret is not None:
+            _check_webhook_secret(self.webhook_secret)
+        return self
+
+
+def _check_webhook_secret(secret: str) -> None:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
+    import base64
+    import binascii
+
+    problem = "TOKENFLEET_WEBHOOK_SECRET must be 'whsec_' followed by base64 of 24 to 64 " \
+        "random bytes (`tokenfleet webhooks secret` makes one)"
+    if not secret.startswith("whsec_"):
+        raise ValueError(problem)
+    try:
+        raw = base64.b64decode(secret[len("whsec_"):] + "==", validate=False)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(problem) from exc
+    if not 24 <= len(raw) <= 64:
+        raise ValueError(problem)

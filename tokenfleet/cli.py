@@ -1,8 +1,9 @@
 """The ``tokenfleet`` command: argument parsing and dispatch.
 
 Subcommands: ``up`` (a whole local fleet; ``tokenfleet.up``), ``gateway``, ``worker``,
-``model prepare|path``, ``keys create|list|revoke`` (``shared.apikeys``) and ``bench``
-(``bench.cli``). Configuration comes from ``TOKENFLEET_*`` environment variables
+``model prepare|path``, ``keys create|list|revoke`` (``shared.apikeys``), ``jobs ...`` and
+``webhooks ...`` (``tokenfleet.jobs_cli``) and ``bench`` (``bench.cli``). Configuration
+comes from ``TOKENFLEET_*`` environment variables
 (``shared.settings``); a few flags override them. This module imports neither torch nor
 FastAPI: each subcommand imports what it needs when it runs.
 """
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from batches import cli as batches_cli
 from shared.errors import TokenfleetError
 from shared.settings import Settings
+from tokenfleet import jobs_cli
 
 if TYPE_CHECKING:
     import redis
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_command(commands)
     _add_keys_commands(commands)
     batches_cli.add_parsers(commands)  # enqueue, batch ..., orchestrator
+    jobs_cli.add_jobs_parser(commands)
+    jobs_cli.add_webhooks_parser(commands)
     return parser
 
 

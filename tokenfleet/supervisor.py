@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -70,10 +71,17 @@ def _die_with_parent() -> None:
 
 def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None,
           **kwargs: object) -> subprocess.Popen[bytes]:
-    """Start a child in its own session that dies with its parent."""
+    """Start a child in its own session that dies with its parent.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the
+    process: a child started from a short-lived thread (an autoscaler tick, a fault
+    injector) would be killed as soon as that thread ends. So only children started from
+    the main thread get it; the others are stopped by whoever started them."""
+    is_main = threading.current_thread() is threading.main_thread()
+    preexec = _die_with_parent if sys.platform.startswith("linux") and is_main else None
     return subprocess.Popen(  # type: ignore[call-overload]
         list(argv), env=dict(env) if env is not None else None, start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None, **kwargs,
+        preexec_fn=preexec, **kwargs,
     )
 
 

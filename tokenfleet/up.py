@@ -52,6 +52,15 @@ def auth_mode(settings: Settings) -> str:
             f"Redis (`tokenfleet keys create`); default limits per key: {limits or 'none'}")
 
 
+def webhooks_mode(settings: Settings) -> str:
+    """One line saying whether jobs may name a webhook (a dispatcher runs) or not."""
+    if settings.webhook_secret is None:
+        return ("off (set TOKENFLEET_WEBHOOK_SECRET, e.g. from `tokenfleet webhooks secret`, "
+                "to deliver job webhooks)")
+    private = ", private hosts allowed" if settings.webhook_allow_private else ""
+    return f"one dispatcher, signed with TOKENFLEET_WEBHOOK_SECRET{private}"
+
+
 def stop_timeout_s(settings: Settings) -> float:
     """How long ``up`` waits for its children to drain before it kills them."""
     gateway_s = settings.gateway_shutdown_delay_s + settings.gateway_drain_timeout_s
@@ -115,6 +124,8 @@ def run_up(settings: Settings, workers: int, scaling: ScalePolicy | None = None)
                            f"drained after {scaling.idle_s:g} s idle)")
             metrics_text = "a free port each, logged when it starts"
         fleet.start_role("orchestrator", "orchestrator")  # drives offline batches (arq)
+        if settings.webhook_secret is not None:  # without a secret no job may name a webhook
+            fleet.start_role("webhooks", "webhooks", "run")
         banner = _banner(settings, redis_text, worker_text, model, metrics_text)
         print_banner = _print_when_ready(settings, banner)
         autoscale = scaler.tick_safely if scaler is not None else (lambda: None)
@@ -176,6 +187,7 @@ def _banner(settings: Settings, redis_text: str, workers: str, model: str,
         f"  metrics:  http://{host}:{settings.port}/metrics (fleet), workers {worker_metrics}",
         f"  dashboard: http://{host}:{settings.port}/dashboard",
         "  batches:  one orchestrator (tokenfleet enqueue FILE.jsonl)",
+        f"  webhooks: {webhooks_mode(settings)}",
         f"  auth:     {auth_mode(settings)}",
         "Press Ctrl-C to stop.",
         "",

@@ -249,7 +249,8 @@ class Publisher:
             items = [part for pair in writes.fields.items() for part in pair]
             ack_id = job.entry_id if writes.is_ack else WRITE_NO_ACK
             keys = [self.keys.job(job.id), self.keys.job_events(job.id),
-                    self.keys.job_text(job.id), self.keys.cancel(job.id), job.stream]
+                    self.keys.job_text(job.id), self.keys.cancel(job.id), job.stream,
+                    self.keys.webhook_events]
             args = [job.attempt, first_seq, int(writes.is_start), int(writes.is_finish),
                     self.job_ttl_s, self.events_ttl_s, WORKER_GROUP, ack_id,
                     "".join(writes.text), len(items), *items, *packed]

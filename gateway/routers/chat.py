@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from gateway.deps import GatewayDep, PrincipalDep
 from gateway.generation import respond
+from gateway.idempotency import Claim
+from gateway.replay import replay_generation, submit_once
 from gateway.schemas import ChatCompletionRequest
 from gateway.submit import ID_PREFIXES, prepare
 
@@ -15,7 +19,16 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", summary="Create a chat completion (OpenAI-compatible)")
 async def create_chat_completion(body: ChatCompletionRequest, gw: GatewayDep,
-                                 principal: PrincipalDep, request: Request) -> Response:
-    submission = await prepare(gw, body, principal, messages=body.messages, prompt=None,
-                               id_prefix=ID_PREFIXES["chat"], live=True)
-    return await respond(gw, submission, request.receive)
+                                 principal: PrincipalDep, request: Request,
+                                 idempotency_key: Annotated[str | None, Header()] = None,
+                                 ) -> Response:
+    async def submit(claim: Claim | None) -> Response:
+        submission = await prepare(gw, body, principal, messages=body.messages, prompt=None,
+                                   id_prefix=ID_PREFIXES["chat"], live=True)
+        submission.idempotency = claim
+        return await respond(gw, submission, request.receive)
+
+    return await submit_once(
+        gw, principal, request, idempotency_key, submit=submit,
+        replay=lambda job_id: replay_generation(gw, principal, job_id, stream=body.stream,
+                                                include_usage=body.include_usage))

@@ -92,6 +92,8 @@ class Report:
     crashes: list[str] = field(default_factory=list)  # processes that died on their own
     max_job_overhead_bytes: int = 0  # Redis bytes of a finished job beyond its text
     stream_entries_left: int = 0
+    worst_job: str = ""  # the job with the largest overhead: its keys' sizes, events TTL
+    timeline: list[str] = field(default_factory=list)  # "+12.3s kill_worker" ...
 
     @property
     def is_clean(self) -> bool:
@@ -242,9 +244,11 @@ class Soak:
 
     def _chaos(self) -> None:
         turn = 0
+        started = time.monotonic()
         while not self._stop.wait(self.config.chaos_interval_s):
             action = ACTIONS[turn % len(ACTIONS)]
             turn += 1
+            self.report.timeline.append(f"+{time.monotonic() - started:.1f}s {action}")
             getattr(self, action)()
             self._check_crashes()
 
@@ -369,10 +373,13 @@ class Soak:
             assert o.id is not None
             job_keys = [keys.job(o.id), keys.job_text(o.id), keys.job_events(o.id),
                         keys.cancel(o.id)]
-            used = sum(client.memory_usage(k) or 0 for k in job_keys)
-            text_len = client.strlen(keys.job_text(o.id))
-            report.max_job_overhead_bytes = max(report.max_job_overhead_bytes,
-                                                used - text_len)
+            sizes = {k: client.memory_usage(k) or 0 for k in job_keys}
+            overhead = sum(sizes.values()) - client.strlen(keys.job_text(o.id))
+            if overhead > report.max_job_overhead_bytes:
+                events_ttl = client.ttl(keys.job_events(o.id))
+                report.max_job_overhead_bytes = overhead
+                report.worst_job = f"{o.kind} {sizes} events ttl {events_ttl}"
+
         report.stream_entries_left = sum(client.xlen(keys.requests_stream(MODEL, lane))
                                          for lane in LANES)
         client.close()

@@ -88,7 +88,7 @@ def test_app_services_reach_redis_inside_the_network(services: dict[str, Any]) -
 
 
 def test_environment_uses_only_known_tokenfleet_settings(services: dict[str, Any]) -> None:
-    for name in ("gateway", "worker"):
+    for name in ("gateway", "worker", "webhooks"):
         for key in env_of(services[name]):
             assert key in SETTING_NAMES, f"{name}: {key} is not a TOKENFLEET_* setting"
 
@@ -129,5 +129,16 @@ def test_dockerignore_keeps_the_context_small() -> None:
 
 def test_image_has_every_installed_package_the_commands_need(dockerfile: str) -> None:
     """``tokenfleet gateway|worker`` live in ``tokenfleet/`` (the entry point's package)."""
-    for package in ("shared", "gateway", "worker", "tokenfleet", "batches"):
+    for package in ("shared", "gateway", "worker", "tokenfleet", "batches", "webhooks"):
         assert f"COPY {package} ./{package}" in dockerfile
+
+
+def test_webhook_dispatcher_shares_the_gateways_secret(services: dict[str, Any]) -> None:
+    dispatcher, gateway = services["webhooks"], services["gateway"]
+    assert dispatcher["command"] == ["tokenfleet", "webhooks", "run"]
+    assert "ports" not in dispatcher
+    secret = env_of(dispatcher)["TOKENFLEET_WEBHOOK_SECRET"]
+    assert secret == env_of(gateway)["TOKENFLEET_WEBHOOK_SECRET"]
+    assert env_of(dispatcher)["TOKENFLEET_REDIS_URL"] == "redis://redis:6379/0"
+    timeout_s = Settings.model_fields["webhook_timeout_s"].default
+    assert seconds(dispatcher["stop_grace_period"]) > timeout_s

@@ -1,5 +1,6 @@
 """Lower floors import nothing above them: ``shared`` <- ``gateway``, ``worker`` <-
-``tokenfleet`` (CLI, supervisor); ``bench`` uses gateway, worker and tokenfleet.
+``tokenfleet`` (CLI, supervisor); ``bench`` uses gateway, worker and tokenfleet; the webhook
+dispatcher (``webhooks``) stands on ``shared`` alone.
 
 Parsed from the source (every ``import`` and ``from ... import``, at any depth, lazy ones
 included), so a function-level import cannot sneak past.
@@ -17,6 +18,7 @@ FORBIDDEN = {
     "shared": {"gateway", "worker", "bench", "tokenfleet", "tests"},
     "gateway": {"bench", "tokenfleet", "tests"},
     "worker": {"bench", "tokenfleet", "tests"},
+    "webhooks": {"gateway", "worker", "batches", "bench", "tokenfleet", "tests"},
     "tokenfleet": {"tests"},
 }
 

@@ -3,6 +3,7 @@ starting, watching and stopping processes in order."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from importlib.machinery import ModuleSpec
@@ -238,3 +239,26 @@ def test_children_ignoring_sigterm_are_killed() -> None:
 
 def test_children_are_python_dash_m_tokenfleet() -> None:
     assert supervisor.role_argv("worker") == [sys.executable, "-m", "tokenfleet", "worker"]
+
+
+def test_a_child_started_from_a_short_lived_thread_outlives_the_thread() -> None:
+    """PR_SET_PDEATHSIG follows the forking thread: it must not kill a child whose parent
+    thread ended while the process lives on (a Redis restarted by a fault-injection thread)."""
+    import subprocess
+    import sys
+    import threading
+
+    from tokenfleet.supervisor import spawn, stop_processes
+
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(
+        spawn([sys.executable, "-c", "import time; time.sleep(30)"])))
+    thread.start()
+    thread.join()
+    [child] = started
+    try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+        assert child.poll() is None, "the child died with its parent thread"
+    finally:
+        stop_processes([child], 5.0)

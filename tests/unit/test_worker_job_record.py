@@ -5,7 +5,9 @@ from __future__ import annotations
 from shared.job_record import (
     BEGIN_ATTEMPT_LUA,
     CANCEL_LUA,
+    ENQUEUE_LUA,
     PUBLISH_JOB_EVENTS_LUA,
+    PURGE_LUA,
     TERMINAL_STATUSES,
     WRITE_JOB_LUA,
     JobField,
@@ -26,7 +28,8 @@ def test_record_round_trips_through_the_hash() -> None:
                        stream=True, gateway="g", created_at=1.25, started_at=2.5,
                        first_token_at=3.0, finished_at=4.0, prompt_tokens=3,
                        completion_tokens=4, max_tokens=5, finish_reason="stop", error="e",
-                       worker="w", attempt=2)
+                       worker="w", attempt=2, queue_seq=7, webhook="https://example.com/h",
+                       webhook_events="start,completed", idempotency="tf:idem::d")
     mapping = record.to_mapping()
     assert set(mapping) == {field.value for field in JobField}
     assert JobRecord.from_hash({k.encode(): v.encode() for k, v in mapping.items()}) == record
@@ -40,6 +43,7 @@ def test_partial_record_is_an_update_and_bad_numbers_read_as_none() -> None:
 
 
 def test_scripts_name_fields_through_the_enum() -> None:
-    for script in (CANCEL_LUA, BEGIN_ATTEMPT_LUA, WRITE_JOB_LUA, PUBLISH_JOB_EVENTS_LUA):
+    for script in (CANCEL_LUA, BEGIN_ATTEMPT_LUA, WRITE_JOB_LUA, PUBLISH_JOB_EVENTS_LUA,
+                   ENQUEUE_LUA, PURGE_LUA):
         assert "$" not in script
     assert "'attempt'" in WRITE_JOB_LUA and "'owner'" in CANCEL_LUA
