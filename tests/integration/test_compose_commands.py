@@ -1,4 +1,5 @@
-"""docker-compose.yml run without Docker: each app service's own ``command`` started as a
+"""docker-compose.yml run without Docker: each app service's own ``command`` (every service
+built from the project's image) started as a
 local process with the environment compose gives it (the image's ``ENV`` from the
 Dockerfile, then the service's ``environment`` with ``${VAR:-default}`` resolved as compose
 does with nothing set), against a throw-away Redis. The fleet must answer: a chat completion
@@ -33,7 +34,6 @@ from tokenfleet.supervisor import Supervisor
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-APP_SERVICES = ("gateway", "worker", "orchestrator")
 INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -90,6 +90,9 @@ def upload_batch(client: httpx.Client, model: str, lines: int) -> str:
 def test_compose_services_run_as_local_processes(tmp_path: Path, smollm2_dir: Path) -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
+    image = services["gateway"]["image"]
+    app_services = [name for name, service in services.items() if service.get("image") == image]
+    assert {"gateway", "worker", "orchestrator"} <= set(app_services)
     dockerfile = (REPO / "Dockerfile").read_text()
     base = image_env(dockerfile)
     assert base["TOKENFLEET_MODEL_DIR"] == "/models"
@@ -100,7 +103,7 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, smollm2_dir: Pa
     redis.start()
     gateway_port, metrics_port = free_port(), free_port()
     envs: dict[str, dict[str, str]] = {}
-    for name in APP_SERVICES:
+    for name in app_services:
         env = service_env(services[name], base)
         url = env["TOKENFLEET_REDIS_URL"]
         assert url == "redis://redis:6379/0" and "redis" in services[name]["depends_on"]
@@ -119,7 +122,7 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, smollm2_dir: Pa
     url = f"http://127.0.0.1:{gateway_port}"
     try:
         children = {name: supervisor.start(name, local_argv(services[name]["command"]),
-                                           extra_env=envs[name]) for name in APP_SERVICES}
+                                           extra_env=envs[name]) for name in app_services}
         supervisor.wait_ready(url, num_workers=1, timeout_s=180)
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -145,7 +148,7 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, smollm2_dir: Pa
         assert subprocess.run(probe, timeout=30).returncode == 0
         for name, child in children.items():
             assert child.proc.poll() is None, f"{name} exited:\n{child.log_tail()}"
-        for name in ("gateway", "worker"):  # SIGTERM, as `docker compose stop` sends
+        for name in [n for n in app_services if n != "orchestrator"]:  # as compose stops
             children[name].proc.terminate()
             code = children[name].proc.wait(timeout=grace_s(services[name]))
             assert code == 0, children[name].log_tail()
