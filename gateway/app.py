@@ -16,8 +16,20 @@ from gateway.catalog import Catalog
 from gateway.errors import install_exception_handlers
 from gateway.events import Dispatcher
 from gateway.jobs import JobStore
+from gateway.metrics import GatewayMetrics, HttpMetricsMiddleware
 from gateway.middleware import BodyLimitMiddleware
-from gateway.routers import batches, chat, completions, files, health, jobs, models
+from gateway.routers import (
+    batches,
+    chat,
+    completions,
+    dashboard,
+    files,
+    fleet,
+    health,
+    jobs,
+    metrics,
+    models,
+)
 from gateway.state import GatewayState
 from shared.apikeys import count_keys
 from shared.keys import Keys
@@ -31,11 +43,14 @@ BACKGROUND_DRAIN_S = 2.0  # how long shutdown waits for cancel flags still being
 
 
 def create_app(settings: Settings) -> FastAPI:
+    gateway_metrics = GatewayMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gw = _build_state(settings)
+        gw = _build_state(settings, gateway_metrics)
         await gw.dispatcher.start()  # subscribed before the first request is served
         app.state.gateway = gw
+        gateway_metrics.describe(gw.gateway_id)
         logger.info("gateway %s ready (events on %s)", gw.gateway_id, gw.reply_channel)
         await _log_auth_mode(gw)
         try:
@@ -54,8 +69,11 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        streamed_paths=frozenset({files.UPLOAD_PATH}))
+    app.add_middleware(HttpMetricsMiddleware, metrics=gateway_metrics)
+    app.state.metrics = gateway_metrics
     install_exception_handlers(app)
-    for module in (chat, completions, jobs, models, health, files, batches):
+    for module in (chat, completions, jobs, models, health, files, batches, fleet, metrics,
+                   dashboard):
         app.include_router(module.router)
     return app
 
@@ -80,7 +98,7 @@ async def _log_auth_mode(gw: GatewayState) -> None:
                        "`tokenfleet keys create` or TOKENFLEET_API_KEYS adds one")
 
 
-def _build_state(settings: Settings) -> GatewayState:
+def _build_state(settings: Settings, metrics: GatewayMetrics | None = None) -> GatewayState:
     redis = async_client(settings)
     keys = Keys(settings.key_prefix)
     gateway_id = secrets.token_hex(8)
@@ -90,9 +108,11 @@ def _build_state(settings: Settings) -> GatewayState:
         redis=redis,
         gateway_id=gateway_id,
         dispatcher=Dispatcher(redis, keys.gateway_channel(gateway_id)),
-        catalog=Catalog(redis, keys, settings.heartbeat_ttl_s),
+        catalog=Catalog(redis, keys, settings.heartbeat_ttl_s,
+                        scale_to_zero=settings.scale_to_zero),
         backlog=Backlog(redis, keys, settings.backlog_limit),
         auth=Authenticator(settings, redis, keys),
         limiter=RateLimiter(redis, keys),
         jobs=JobStore(redis, keys, settings.job_ttl_s),
+        metrics=metrics or GatewayMetrics(),
     )

@@ -1,7 +1,8 @@
 """Backpressure: refuse new work (429) when a model's queue is longer than the limit.
 
 The backlog of a model is, over its lanes, what the worker group has not yet been given
-(``lag``) plus what it holds unacknowledged (``pending``), from ``XINFO GROUPS``. It is read
+(``lag``) plus what it holds unacknowledged (``pending``), from ``XINFO GROUPS``
+(``shared.queue_depth``, which metrics and the autoscaler read too). It is read
 at most every ``REFRESH_S`` per model, so a burst can overshoot the limit by what arrives
 in that window; in exchange the hot path pays no Redis round trip.
 """
@@ -12,10 +13,10 @@ import asyncio
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from shared.errors import RateLimitedError
-from shared.keys import LANES, WORKER_GROUP, Keys
+from shared.keys import Keys
+from shared.queue_depth import parse_depths, queue_commands
 
 REFRESH_S = 0.2
 
@@ -52,25 +53,6 @@ class Backlog:
 
     async def _measure(self, model: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
-        streams = [self.keys.requests_stream(model, lane) for lane in LANES]
-        for stream in streams:
-            pipe.xlen(stream)
-            pipe.xinfo_groups(stream)
+        queue_commands(pipe, self.keys, model)
         replies = await pipe.execute(raise_on_error=False)
-        total = 0
-        for length, groups in zip(replies[::2], replies[1::2], strict=True):
-            if isinstance(groups, ResponseError) or not isinstance(groups, list):
-                total += length if isinstance(length, int) else 0  # no group yet: all waiting
-                continue
-            group = next((g for g in groups if _name(g) == WORKER_GROUP), None)
-            if group is None:
-                total += length if isinstance(length, int) else 0
-                continue
-            lag = group.get("lag")
-            total += int(group.get("pending") or 0) + (int(lag) if lag is not None else 0)
-        return total
-
-
-def _name(group: dict[str, object]) -> str:
-    name = group.get("name")
-    return name.decode() if isinstance(name, bytes) else str(name)
+        return sum(lane.depth for lane in parse_depths(model, replies))

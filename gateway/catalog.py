@@ -62,10 +62,12 @@ def _float_or_zero(value: bytes | None) -> float:
 
 
 class Catalog:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, heartbeat_ttl_s: float, *,
+                 scale_to_zero: bool = False) -> None:
         self._redis = redis
         self._keys = keys
         self._heartbeat_ttl_s = heartbeat_ttl_s
+        self.scale_to_zero = scale_to_zero  # a model with no live worker still takes work
         self._fleet = _FleetSnapshot()
         self._fleet_lock = asyncio.Lock()
         self._models: dict[str, ModelEntry] = {}
@@ -110,7 +112,7 @@ class Catalog:
         if name in await self.served_models():
             return
         available = await self.served_models(fresh=True)  # a worker may have just started
-        if name in available:
+        if name in available or name in await self.known_models():
             return
         listed = ", ".join(sorted(available)) or "none (no worker is running)"
         raise ModelNotFoundError(f"model {name!r} is not served here; available models: "
@@ -121,9 +123,11 @@ class Catalog:
         if name is not None:
             await self.require_model(name)
             return name
-        served = await self.served_models()
+        served: dict[str, list[WorkerInfo]] | set[str] = await self.served_models()
         if len(served) != 1:
             served = await self.served_models(fresh=True)
+        if not served:
+            served = await self.known_models()
         if len(served) == 1:
             return next(iter(served))
         if not served:
@@ -131,6 +135,13 @@ class Catalog:
         raise InvalidRequestError(
             f"this fleet serves several models; set \"model\" to one of: "
             f"{', '.join(sorted(served))}", param="model")
+
+    async def known_models(self) -> set[str]:
+        """With ``scale_to_zero``: every model a worker ever published (``Keys.models``),
+        served now or not; requests for them queue until a worker starts. Else empty."""
+        if not self.scale_to_zero:
+            return set()
+        return {name.decode() for name in await self._redis.smembers(self._keys.models)}
 
     # --- model info and tokenizers --------------------------------------------------------
 

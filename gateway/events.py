@@ -105,6 +105,11 @@ class Dispatcher:
     def unregister(self, request_id: str) -> None:
         self._mailboxes.pop(request_id, None)
 
+    @property
+    def num_mailboxes(self) -> int:
+        """Live requests waiting on this gateway (``tokenfleet:gateway_open_requests``)."""
+        return len(self._mailboxes)
+
     async def _run(self) -> None:
         failures = 0
         while not self._is_closing:

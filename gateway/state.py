@@ -15,6 +15,7 @@ from gateway.backlog import Backlog
 from gateway.catalog import Catalog
 from gateway.events import Dispatcher
 from gateway.jobs import JobStore
+from gateway.metrics import GatewayMetrics
 from shared.keys import Keys
 from shared.ratelimit import RateLimiter
 from shared.settings import Settings
@@ -34,6 +35,7 @@ class GatewayState:
     backlog: Backlog
     auth: Authenticator
     limiter: RateLimiter
+    metrics: GatewayMetrics
     is_shutting_down: bool = False
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 

@@ -103,10 +103,15 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
                              vocab_size=info.vocab_size, defaults=info.generation_defaults)
     if params.seed is None and not params.is_greedy:
         params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
-    await gw.backlog.check(model)  # before the rate limiter spends the key's budget
+    try:
+        await gw.backlog.check(model)  # before the rate limiter spends the key's budget
+    except RateLimitedError:
+        gw.metrics.on_throttled("backlog")
+        raise
     decision = await gw.limiter.check(principal.owner, principal.rpm, principal.tpm,
                                       len(token_ids) + max_tokens)
     if not decision.allowed:
+        gw.metrics.on_throttled("rate_limit")
         raise RateLimitedError(decision.reason, retry_after_s=decision.retry_after_s)
     now = time.time()
     timeout_s = body.timeout or settings.request_timeout_s
@@ -171,3 +176,4 @@ async def enqueue(gw: GatewayState, submission: Submission) -> None:
         if bound_fingerprint.decode() != claim.fingerprint:
             raise mismatch()
         raise IdempotentReplay(job_id.decode())
+    gw.metrics.on_submitted(request.model, submission.kind, request.lane)

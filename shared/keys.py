@@ -103,6 +103,27 @@ class Keys:
         """Hash a worker writes for its model: tokenizer, chat template, context length."""
         return f"{self.prefix}:model:{model}"
 
+    @property
+    def models(self) -> str:
+        """Set of every model a worker has ever published info for (kept with zero workers,
+        so a scaled-to-zero fleet still knows what it serves and what queues to watch)."""
+        return f"{self.prefix}:models"
+
+    # --- telemetry (metrics, dashboard, autoscaler) --------------------------------------
+    def fleet_series(self, bucket: int) -> str:
+        """Hash of fleet-wide counts in one time bucket (``shared.telemetry``), with a TTL."""
+        return f"{self.prefix}:fleet:series:{bucket}"
+
+    @property
+    def fleet_recent_jobs(self) -> str:
+        """List: summaries of the latest finished requests, newest first, capped."""
+        return f"{self.prefix}:fleet:recent"
+
+    @property
+    def fleet_scaler(self) -> str:
+        """Hash the autoscaler writes each tick: per model its signal, target and workers."""
+        return f"{self.prefix}:fleet:scaler"
+
     # --- auth ---------------------------------------------------------------------------
     @property
     def api_keys(self) -> str:

@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     sse_keepalive_s: float = Field(default=15.0, gt=0)  # SSE comment this often when idle
 
+    # --- Operations: metrics and autoscaling (docs/operations.md) -----------------------
+    metrics_port: int = 0  # worker: /metrics, /healthz and /readyz on this port; 0 = off
+    scale_to_zero: bool = False  # gateway: with no live worker, queue work and stay ready
+    scale_down_idle_s: float = 30.0  # autoscaler: drain a worker idle (no request) this long
+    scale_target_requests: int = 16  # autoscaler: queued + running requests per worker
+    scale_standby_workers: int = 0  # autoscaler: loaded spares waiting to be promoted
+    worker_standby: bool = False  # worker: load the model, then wait for SIGUSR1 to serve
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -104,6 +112,12 @@ class Settings(BaseSettings):
         for name in ("auth_cache_s", "gateway_drain_timeout_s", "gateway_shutdown_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("TOKENFLEET_METRICS_PORT must be 0 (off) or a port number")
+        if self.scale_down_idle_s < 0 or self.scale_target_requests < 1 \
+                or self.scale_standby_workers < 0:
+            raise ValueError("TOKENFLEET_SCALE_DOWN_IDLE_S and _STANDBY_WORKERS must be >= 0, "
+                             "TOKENFLEET_SCALE_TARGET_REQUESTS >= 1")
         if self.rate_limit_rpm < 0 or self.rate_limit_tpm < 0:
             raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")
         if not 1 <= self.events_ttl_s <= self.job_ttl_s:

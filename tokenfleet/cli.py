@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("tokenfleet.cli")
 
+DEFAULT_MAX_WORKERS = 4  # tokenfleet up --workers auto, without --max-workers
+
 
 # --- settings -------------------------------------------------------------------------------
 
@@ -98,9 +100,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from tokenfleet.autoscale import ScalePolicy
     from tokenfleet.up import run_up
 
-    return run_up(load_settings(host=args.host, port=args.port), args.workers)
+    settings = load_settings(host=args.host, port=args.port)
+    if args.workers != "auto":
+        if args.min_workers is not None or args.max_workers is not None:
+            raise TokenfleetError("--min-workers/--max-workers need --workers auto")
+        return run_up(settings, int(args.workers))
+    try:
+        policy = ScalePolicy(
+            min_workers=0 if args.min_workers is None else args.min_workers,
+            max_workers=DEFAULT_MAX_WORKERS if args.max_workers is None else args.max_workers,
+            target_requests=settings.scale_target_requests,
+            idle_s=settings.scale_down_idle_s, standby=settings.scale_standby_workers)
+    except ValueError as exc:
+        raise TokenfleetError(str(exc)) from exc
+    return run_up(settings, 0, policy)
+
+
+def _workers_flag(value: str) -> str:
+    if value == "auto" or value.isdigit():
+        return value
+    raise argparse.ArgumentTypeError("expected a number of workers or 'auto'")
 
 
 # --- argument parsing -----------------------------------------------------------------------
@@ -119,8 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "if set, otherwise starts a private redis-server from PATH or the "
                              "bundled valkey-server (data in ./.tokenfleet/redis).")
     _add_http_flags(up)
-    up.add_argument("--workers", type=int, default=1, metavar="N",
-                    help="number of worker processes (default: 1)")
+    up.add_argument("--workers", type=_workers_flag, default="1", metavar="N|auto",
+                    help="number of worker processes (default: 1), or 'auto': the autoscaler "
+                    "follows the queue (TOKENFLEET_SCALE_TARGET_REQUESTS per worker, drains "
+                    "workers idle for TOKENFLEET_SCALE_DOWN_IDLE_S)")
+    up.add_argument("--min-workers", type=int, metavar="N",
+                    help="with --workers auto: never fewer (default 0: scale to zero)")
+    up.add_argument("--max-workers", type=int, metavar="N",
+                    help=f"with --workers auto: never more (default {DEFAULT_MAX_WORKERS})")
     up.set_defaults(func=cmd_up)
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway",

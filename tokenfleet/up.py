@@ -13,7 +13,9 @@ import signal
 import subprocess
 from collections.abc import Callable
 
+from shared.keys import Keys
 from shared.settings import Settings
+from tokenfleet.autoscale import TICK_S, Autoscaler, ScalePolicy
 from tokenfleet.redis_server import (
     RedisPlan,
     check_external_redis,
@@ -24,7 +26,15 @@ from tokenfleet.redis_server import (
     redis_data_dir,
     server_version,
 )
-from tokenfleet.supervisor import FleetError, RedisProcess, Supervisor, http_answers, role_argv
+from tokenfleet.supervisor import (
+    FleetError,
+    RedisProcess,
+    Supervisor,
+    free_port,
+    http_answers,
+    role_argv,
+    spawn,
+)
 
 logger = logging.getLogger("tokenfleet.up")
 
@@ -76,9 +86,12 @@ def start_redis(fleet: Supervisor, plan: RedisPlan, settings: Settings) -> tuple
     return fleet.redis.url, f"private {fleet.redis.url} ({version}, {plan.binary})"
 
 
-def run_up(settings: Settings, workers: int) -> int:
-    """Run a local fleet until Ctrl-C/SIGTERM (-> 0) or until a child dies (-> 1)."""
-    if workers < 1:
+def run_up(settings: Settings, workers: int, scaling: ScalePolicy | None = None) -> int:
+    """Run a local fleet until Ctrl-C/SIGTERM (-> 0) or until a child dies (-> 1).
+
+    With ``scaling`` (``--workers auto``) the autoscaler starts and drains the workers and
+    ``workers`` is ignored."""
+    if scaling is None and workers < 1:
         raise FleetError("--workers must be at least 1")
     if not port_is_free(settings.port, settings.host):
         raise FleetError(f"port {settings.port} on {settings.host} is in use; pass --port")
@@ -87,22 +100,64 @@ def run_up(settings: Settings, workers: int) -> int:
     fleet = Supervisor(os.environ, stop_timeout_s=stop_timeout_s(settings))
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, fleet.request_stop)
+    scaler: Autoscaler | None = None
     try:
         redis_url, redis_text = start_redis(fleet, plan, settings)
         settings = settings.model_copy(update={"redis_url": redis_url})
         model = _ensure_model(settings)
         fleet.env.update(TOKENFLEET_REDIS_URL=redis_url, TOKENFLEET_HOST=settings.host,
                          TOKENFLEET_PORT=str(settings.port))
+        if scaling is not None and scaling.min_workers == 0:
+            fleet.env["TOKENFLEET_SCALE_TO_ZERO"] = "true"  # queue while no worker runs
         fleet.start_role("gateway", "gateway")
-        for index in range(workers):
-            fleet.start_role(f"worker-{index + 1}", "worker")
+        if scaling is None:
+            ports = [free_port() for _ in range(workers)]
+            for index, port in enumerate(ports):
+                fleet.start_role(f"worker-{index + 1}", "worker",
+                                 extra_env={"TOKENFLEET_METRICS_PORT": str(port)})
+            worker_text = f"{workers} (engine: {settings.engine})"
+            metrics_text = ", ".join(f":{port}" for port in ports)
+        else:
+            scaler = make_autoscaler(settings, scaling, fleet.env)
+            worker_text = (f"auto, {scaling.min_workers}..{scaling.max_workers} (engine: "
+                           f"{settings.engine}; {scaling.target_requests} requests per worker, "
+                           f"drained after {scaling.idle_s:g} s idle)")
+            metrics_text = "a free port each, logged when it starts"
         fleet.start_role("orchestrator", "orchestrator")  # drives offline batches (arq)
         if settings.webhook_secret is not None:  # without a secret no job may name a webhook
             fleet.start_role("webhooks", "webhooks", "run")
-        banner = _banner(settings, redis_text, workers, model)
-        return fleet.supervise(_print_when_ready(settings, banner))
+        banner = _banner(settings, redis_text, worker_text, model, metrics_text)
+        print_banner = _print_when_ready(settings, banner)
+        autoscale = scaler.tick_safely if scaler is not None else (lambda: None)
+
+        def tick() -> None:
+            print_banner()
+            autoscale()
+
+        return fleet.supervise(tick, interval_s=TICK_S)
     finally:
+        if scaler is not None:
+            scaler.stop(stop_timeout_s(settings))
         fleet.stop()
+
+
+def make_autoscaler(settings: Settings, policy: ScalePolicy,
+                    env: dict[str, str]) -> Autoscaler:
+    """The autoscaler of ``--workers auto``: its workers are its own children (they exit
+    when drained, which must not stop the fleet), each with a free metrics port."""
+    import redis
+
+    def start(name: str, standby: bool) -> subprocess.Popen[bytes]:
+        port = free_port()
+        proc = spawn(role_argv("worker"), {**env, "TOKENFLEET_METRICS_PORT": str(port),
+                                           "TOKENFLEET_WORKER_STANDBY": str(standby).lower()})
+        logger.info("started %s (pid %d), metrics on :%d", name, proc.pid, port)
+        return proc
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0,
+                                  socket_connect_timeout=2.0)
+    return Autoscaler(client, Keys(settings.key_prefix), settings.model_name, policy, start,
+                      heartbeat_ttl_s=settings.heartbeat_ttl_s)
 
 
 def _ensure_model(settings: Settings) -> str:
@@ -118,7 +173,8 @@ def _ensure_model(settings: Settings) -> str:
     return f"{settings.model_name} ({path})"
 
 
-def _banner(settings: Settings, redis_text: str, workers: int, model: str) -> str:
+def _banner(settings: Settings, redis_text: str, workers: str, model: str,
+            worker_metrics: str) -> str:
     host = local_host(settings.host)
     listening = "" if host == settings.host else f"  (listening on {settings.host})"
     return "\n".join([
@@ -127,7 +183,9 @@ def _banner(settings: Settings, redis_text: str, workers: int, model: str) -> st
         f"  gateway:  http://{host}:{settings.port}{listening}",
         f"  redis:    {redis_text}",
         f"  model:    {model}",
-        f"  workers:  {workers} (engine: {settings.engine})",
+        f"  workers:  {workers}",
+        f"  metrics:  http://{host}:{settings.port}/metrics (fleet), workers {worker_metrics}",
+        f"  dashboard: http://{host}:{settings.port}/dashboard",
         "  batches:  one orchestrator (tokenfleet enqueue FILE.jsonl)",
         f"  webhooks: {webhooks_mode(settings)}",
         f"  auth:     {auth_mode(settings)}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,7 @@ class Intake:
         self.jobs = jobs  # shared with the loop: the requests in the engine
         self.policy = policy
         self._begin_script: Any = None  # BEGIN_ATTEMPT_LUA, registered on first use
+        self.on_admitted: Callable[[GenerateRequest], None] | None = None  # metrics
 
     def admit(self, entries: list[StreamEntry]) -> int:
         """Hand the servable entries to the engine; returns how many were admitted.
@@ -179,6 +181,8 @@ class Intake:
             return 0
         self.jobs[request.id] = job
         self.publisher.start(job, is_restart=attempt.num_events > 0)
+        if self.on_admitted is not None:
+            self.on_admitted(request)
         return 1
 
     def _give_up(self, entry: StreamEntry, job: InFlight) -> None:

@@ -20,8 +20,13 @@ from shared.redis_conn import sync_client
 from shared.settings import Settings
 from worker.engine.types import Engine
 from worker.heartbeat import Heartbeat, WorkerStatus
+from worker.http_server import WorkerHttpServer
+from worker.metrics import WorkerMetrics
 from worker.null_engine import NullEngine, null_model_info
 from worker.service import ShutdownSignal, WorkerService
+from worker.standby import STATE_STANDBY, Promotion
+from worker.startup import StartupClock
+from worker.telemetry import TelemetryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,8 @@ def make_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
+def build_engine(settings: Settings,
+                 clock: StartupClock | None = None) -> tuple[Engine, ModelInfo]:
     if settings.engine == "null":
         engine = NullEngine(settings.max_batch_size, settings.null_engine_tokens,
                             settings.null_engine_step_ms / 1000,
@@ -41,7 +47,9 @@ def build_engine(settings: Settings) -> tuple[Engine, ModelInfo]:
         return engine, null_model_info(settings.model_name, settings.max_batch_tokens)
     from worker.engine.factory import build_engine as build_hf_engine  # torch: only here
 
-    return build_hf_engine(settings)
+    if clock is not None:
+        clock.mark("torch_import")
+    return build_hf_engine(settings, on_stage=clock.mark if clock is not None else None)
 
 
 def start_heartbeat(settings: Settings, status: WorkerStatus) -> Heartbeat:
@@ -59,25 +67,67 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     shutdown.install()
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,
                           quantization=settings.quantization, dtype=settings.dtype)
+    promotion = Promotion()
+    if settings.worker_standby:
+        promotion.install()  # before the model loads: an early SIGUSR1 is remembered
+    metrics = WorkerMetrics(settings.model_name, status.worker_id)
+    clock = metrics.start_clock()
+    http = start_http_server(settings, metrics, status)  # probes answer while it loads
     heartbeat = start_heartbeat(settings, status)  # "starting" while the model loads
+    telemetry = TelemetryWriter(sync_client(settings), Keys(settings.key_prefix), metrics,
+                                status)
+    telemetry.start()
     try:
         try:
-            engine, model_info = build(settings)
+            engine, model_info = (build_engine(settings, clock)
+                                  if build is build_engine else build(settings))
         except ModelLoadError as exc:
             logger.error("could not load the model: %s", exc)
             return 1
-        return serve(settings, engine, model_info, status=status, shutdown=shutdown)
+        metrics.describe(model_info.dtype, model_info.quantization)
+        if settings.worker_standby and not wait_as_standby(status, promotion, shutdown):
+            return 0  # stopped before it was promoted: it never took anything
+        if settings.worker_standby:
+            clock.mark("standby")
+        return serve(settings, engine, model_info, status=status, shutdown=shutdown,
+                     metrics=metrics)
     finally:
+        telemetry.stop()
         heartbeat.stop()
+        if http is not None:
+            http.stop()
+
+
+def wait_as_standby(status: WorkerStatus, promotion: Promotion,
+                    shutdown: ShutdownSignal) -> bool:
+    """Loaded and warm; heartbeat ``standby`` until SIGUSR1 (-> True) or SIGTERM (-> False)."""
+    status.state = STATE_STANDBY
+    logger.info("standby: model loaded; waiting for SIGUSR1 to serve")
+    promoted = promotion.wait(lambda: shutdown.is_requested)
+    if promoted:
+        logger.info("promoted: serving")
+    return promoted
+
+
+def start_http_server(settings: Settings, metrics: WorkerMetrics,
+                      status: WorkerStatus) -> WorkerHttpServer | None:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on ``TOKENFLEET_METRICS_PORT`` (0: none)."""
+    if not settings.metrics_port:
+        return None
+    server = WorkerHttpServer(metrics.registry, status)
+    port = server.start(settings.metrics_port)
+    logger.info("metrics on http://0.0.0.0:%d/metrics", port)
+    return server
 
 
 def serve(settings: Settings, engine: Engine, model_info: ModelInfo, *, status: WorkerStatus,
-          shutdown: ShutdownSignal) -> int:
+          shutdown: ShutdownSignal, metrics: WorkerMetrics | None = None) -> int:
     """Run the queue loop around a built engine."""
     status.model = model_info.name
     status.quantization = model_info.quantization
     status.dtype = model_info.dtype
-    service = WorkerService(settings, engine, model_info, status=status, shutdown=shutdown)
+    service = WorkerService(settings, engine, model_info, status=status, shutdown=shutdown,
+                            metrics=metrics)
     try:
         return service.run()
     except Exception:

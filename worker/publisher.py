@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import redis
@@ -43,6 +43,15 @@ from worker.engine.types import RequestOutput
 logger = logging.getLogger(__name__)
 
 WRITE_FENCED = -1  # WRITE_JOB_LUA's answer when another attempt owns the job
+
+
+class PublishObserver(Protocol):
+    """Told of every request this worker ends and every entry it dead-letters."""
+
+    def on_finished(self, request_id: str, finish_reason: str, *, num_output_tokens: int,
+                    num_prompt_tokens: int) -> None: ...
+
+    def on_dead_lettered(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -127,6 +136,7 @@ class Publisher:
         self.outbox = Outbox()
         self._write_script: Any = None  # WRITE_JOB_LUA, registered on the first flush
         self._publish_script: Any = None  # PUBLISH_JOB_EVENTS_LUA
+        self.observer: PublishObserver | None = None  # metrics: every finish, dead letter
 
     # --- queueing writes ----------------------------------------------------------------
 
@@ -174,6 +184,9 @@ class Publisher:
             status=status_for_finish(finish_reason), finished_at=time.time(),
             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
             completion_tokens=num_output_tokens, error=error))
+        if self.observer is not None:
+            self.observer.on_finished(job.id, finish_reason, num_output_tokens=num_output_tokens,
+                                      num_prompt_tokens=prompt_tokens)
 
     def dead_letter(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes],
                     reason: str) -> None:
@@ -182,6 +195,8 @@ class Publisher:
                  b"source_id": entry_id}
         self.outbox.dead_letters.append(DeadLetter({**fields, **extra}))
         self.outbox.acks.append((stream, entry_id))
+        if self.observer is not None:
+            self.observer.on_dead_lettered()
 
     def ack(self, stream: str, entry_id: bytes) -> None:
         """Acknowledge an entry no job of ours owns (a duplicate copy)."""

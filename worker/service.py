@@ -36,6 +36,7 @@ from shared.settings import Settings
 from worker.engine.types import Engine
 from worker.heartbeat import STATE_DRAINING, STATE_READY, WorkerStatus
 from worker.intake import Intake, IntakePolicy
+from worker.metrics import WorkerMetrics
 from worker.publisher import FlushResult, InFlight, Publisher
 from worker.reader import StreamEntry, StreamReader
 from worker.reclaimer import Reclaimer, Toucher
@@ -111,7 +112,8 @@ def maintenance_interval_s(claim_idle_ms: int) -> float:
 class WorkerService:
     def __init__(self, settings: Settings, engine: Engine, model_info: ModelInfo, *,
                  status: WorkerStatus, client: redis.Redis | None = None,
-                 shutdown: ShutdownSignal | None = None) -> None:
+                 shutdown: ShutdownSignal | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.model_info = model_info
@@ -134,6 +136,9 @@ class WorkerService:
                                           settings.job_ttl_s))
         self.inbox: list[StreamEntry] = []  # delivered to us, not yet admitted
         self._refusal: RedisRefusal | None = None  # what Redis is refusing, while it does
+        self.metrics = metrics or WorkerMetrics(model_info.name, worker_id)
+        self.publisher.observer = self.metrics
+        self.intake.on_admitted = self.metrics.on_admitted_request
         self._needs_setup = True
         self._drain_deadline: float | None = None
         self._next_maintenance_at = 0.0
@@ -194,10 +199,12 @@ class WorkerService:
         self.reader.ensure_groups()
         self.client.hset(self.keys.model_info(self.model_info.name),
                          mapping=self.model_info.to_mapping())
+        self.client.sadd(self.keys.models, self.model_info.name)
         self.status.is_warm = True
         if not self.shutdown.is_requested:
             self.status.state = STATE_READY
         self._needs_setup = False
+        self.metrics.on_serving()
         logger.info("serving %s on %s as consumer %s", self.model_info.name,
                     ", ".join(self.reader.streams), self.status.worker_id)
 
@@ -228,7 +235,11 @@ class WorkerService:
             inbox.extend(more or self.reader.wait(min(math.ceil(left_ms), IDLE_BLOCK_MS)))
 
     def _step(self) -> None:
-        for out in self.engine.step():
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        # before the outputs are emitted: a finish ends the request's timings
+        self.metrics.on_step(outputs, self.engine.stats(), time.perf_counter() - started)
+        for out in outputs:
             job = self.jobs.get(out.id)
             if job is None:
                 if out.id in self.lost:
@@ -267,6 +278,7 @@ class WorkerService:
         logger.warning("request %s (attempt %d) was taken over by another worker; "
                        "aborting our copy", job.id, job.attempt)
         del self.jobs[job.id]
+        self.metrics.forget(job.id)  # its finish is the other worker's to count
         self.lost.add(job.id)
         self.engine.abort_request(job.id)
 
@@ -279,6 +291,7 @@ class WorkerService:
         self.reclaimer.tidy()
         if not self.shutdown.is_requested and not self.inbox:
             self.inbox = self.reclaimer.claim(self.engine.num_free_slots())
+            self.metrics.on_reclaimed(len(self.inbox))
 
     # --- stopping and errors ------------------------------------------------------------
 

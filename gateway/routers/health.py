@@ -1,4 +1,5 @@
-"""``/healthz`` (the process is up) and ``/readyz`` (it can serve: Redis and a warm worker)."""
+"""``/healthz`` (the process is up) and ``/readyz`` (it can serve: Redis and a warm worker;
+with ``TOKENFLEET_SCALE_TO_ZERO`` Redis alone, as work queues until a worker starts)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ async def readyz(gw: GatewayDep) -> dict[str, Any] | JSONResponse:
     if not gw.dispatcher.is_subscribed:
         return _unavailable("the token event subscription is down")
     warm = [w for w in workers if w.is_warm]
+    body = {"status": "ok", "workers": len(warm), "models": sorted({w.model for w in warm})}
+    if gw.settings.scale_to_zero:
+        return {**body, "scale_to_zero": True}  # requests queue until a worker starts
     if not warm:
         reason = "no live worker" if not workers else "no worker has finished warming up"
         return _unavailable(reason)
-    return {"status": "ok", "workers": len(warm), "models": sorted({w.model for w in warm})}
+    return body

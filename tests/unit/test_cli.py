@@ -186,3 +186,19 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENFLEET_PORT", "9000")
     assert cli.load_settings(port=None).port == 9000
     assert cli.load_settings(port=8123).port == 8123
+
+
+def test_up_auto_takes_bounds_and_only_with_auto(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple[int, object]] = []
+    monkeypatch.setattr(up, "run_up", lambda settings, workers, scaling=None:
+                        calls.append((workers, scaling)) or 0)
+    monkeypatch.setenv("TOKENFLEET_SCALE_DOWN_IDLE_S", "7")
+    assert cli.main(["up", "--workers", "auto", "--max-workers", "3"]) == 0
+    (_, policy), = calls
+    assert (policy.min_workers, policy.max_workers, policy.idle_s) == (0, 3, 7.0)
+    assert cli.main(["up", "--workers", "2", "--max-workers", "3"]) == 1
+    assert "need --workers auto" in capsys.readouterr().err
+    assert cli.main(["up", "--workers", "auto", "--min-workers", "5", "--max-workers",
+                     "3"]) == 1
+    assert "--min-workers <= --max-workers" in capsys.readouterr().err

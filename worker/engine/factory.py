@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.model_info import ModelInfo
@@ -75,7 +76,10 @@ def warm_up(engine: LLMEngine) -> float:
     return time.perf_counter() - start
 
 
-def build_engine(settings: Settings) -> tuple[LLMEngine, ModelInfo]:
+def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = None,
+                 ) -> tuple[LLMEngine, ModelInfo]:
+    """``on_stage("weights")`` once the checkpoint is loaded, ``on_stage("warmup")`` after
+    the warm-up (the worker's cold-start clock)."""
     from worker.model_store import resolve_model_path
 
     path = resolve_model_path(settings)
@@ -83,5 +87,10 @@ def build_engine(settings: Settings) -> tuple[LLMEngine, ModelInfo]:
     runner = TransformerRunner(loaded.model)
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos))
+    if on_stage is not None:
+        on_stage("weights")
     log.info("warm-up took %.2f s", warm_up(engine))
-    return engine, model_info(settings, loaded, runner.max_context)
+    info = model_info(settings, loaded, runner.max_context)
+    if on_stage is not None:
+        on_stage("warmup")
+    return engine, info
