@@ -18,6 +18,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -35,6 +37,7 @@ from shared.keys import Keys
 from shared.settings import Settings
 
 logger = logging.getLogger("tokenfleet.batches")
+STOP_GRACE_S = 5.0  # after SIGTERM, how long running slices get to stop
 
 RUN_TIMEOUT_S = 900  # one slice; validation of a 100,000-line file included
 IN_PROGRESS_TIMEOUT_MS = (RUN_TIMEOUT_S + 10) * 1000  # what arq sets, before we shorten it
@@ -164,11 +167,30 @@ async def _serve(settings: Settings) -> None:
 
     redis = async_client(settings)
     arq = arq_redis(redis, Keys(settings.key_prefix))
-    worker = Worker(redis_pool=arq, **worker_settings(settings))
+    worker = Worker(redis_pool=arq, handle_signals=False, **worker_settings(settings))
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: signal.Signals) -> None:
+        """arq's own stop (cancel the running slices), then a hard exit if a slice does not
+        end within ``STOP_GRACE_S``: a cancellation can be swallowed mid-call (Python 3.11's
+        ``wait_for``), and nothing is lost by exiting, because a slice's work is in Redis
+        under a lease that the next orchestrator takes over (as after kill -9)."""
+        worker.handle_sig(signum)
+        loop.call_later(STOP_GRACE_S, _exit_now, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         await worker.async_run()
     finally:
         await worker.close()
+
+
+def _exit_now(signum: signal.Signals) -> None:
+    logger.warning("a batch slice did not stop within %.0f s of %s; exiting now (its batch "
+                   "resumes under the next orchestrator)", STOP_GRACE_S,
+                   signal.Signals(signum).name)
+    os._exit(0)
 
 
 def run(settings: Settings) -> int:
