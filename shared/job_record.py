@@ -294,12 +294,22 @@ return 1
 
 # A worker takes a delivery: the attempt goes up by one, which fences off every writer of
 # an earlier attempt, atomically with what the new attempt must know to start.
+# A job that already has its result (succeeded, failed, or cancelled with no cancel flag
+# left) gets no new attempt: its entry is a leftover delivery (the finishing worker acked it
+# after another worker had claimed it), and starting again would leave it ``running``.
 # KEYS: job hash, events list, cancel flag. ARGV: job ttl (s), used when the hash has none.
-# Returns {attempt, number of stored events (the next seq), cancel flag set (0/1)}.
+# Returns {attempt, number of stored events (the next seq), cancel flag set (0/1),
+# already finished (0/1; then nothing was changed)}.
 BEGIN_ATTEMPT_LUA = _lua("""
+local status = redis.call('HGET', KEYS[1], '$F_status')
+local cancelled = redis.call('EXISTS', KEYS[3])
+if status == '$S_succeeded' or status == '$S_failed'
+    or (status == '$S_cancelled' and cancelled == 0) then
+  return {0, 0, 0, 1}
+end
 local attempt = redis.call('HINCRBY', KEYS[1], '$F_attempt', 1)
 if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return {attempt, redis.call('LLEN', KEYS[2]), redis.call('EXISTS', KEYS[3])}
+return {attempt, redis.call('LLEN', KEYS[2]), cancelled, 0}
 """)
 
 WRITE_NO_ACK = ""  # WRITE_JOB_LUA's entry id when there is nothing to acknowledge

@@ -45,6 +45,7 @@ class Attempt:
     number: int  # this delivery's attempt: every write for it is fenced by this number
     num_events: int  # events already stored (a retried job continues from here)
     is_cancelled: bool
+    is_finished: bool = False  # the job already has its result: nothing to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +154,18 @@ class Intake:
                                      self.keys.cancel(job_id)],
                                args=[self.policy.job_ttl_s], client=pipe)
         replies = pipe.execute()
-        return {item.entry.entry_id: Attempt(int(number), int(num_events), bool(flag))
-                for item, (number, num_events, flag) in zip(decoded, replies, strict=True)}
+        return {item.entry.entry_id: Attempt(int(number), int(num_events), bool(flag),
+                                             bool(finished))
+                for item, (number, num_events, flag, finished)
+                in zip(decoded, replies, strict=True)}
 
     def _admit_one(self, entry: StreamEntry, request: GenerateRequest, attempt: Attempt,
                    now_s: float) -> int:
+        if attempt.is_finished:
+            logger.info("request %s already has its result; acknowledging a leftover "
+                        "delivery", request.id)
+            self.publisher.ack(entry.stream, entry.entry_id)
+            return 0
         job = InFlight(id=request.id, stream=entry.stream, entry_id=entry.entry_id,
                        reply_channel=request.reply_channel,
                        num_prompt_tokens=len(request.prompt_token_ids),

@@ -21,10 +21,16 @@ def make_publisher(worker_id: str = "w1") -> Publisher:
 
 
 def begin(client: redis.Redis, job_id: str) -> tuple[int, int, int]:
+    attempt, num_events, flag, _ = begin_raw(client, job_id)
+    return attempt, num_events, flag
+
+
+def begin_raw(client: redis.Redis, job_id: str) -> tuple[int, int, int, int]:
     script = client.register_script(BEGIN_ATTEMPT_LUA)
-    attempt, num_events, flag = script(keys=[KEYS.job(job_id), KEYS.job_events(job_id),
-                                             KEYS.cancel(job_id)], args=[60])
-    return int(attempt), int(num_events), int(flag)
+    reply = script(keys=[KEYS.job(job_id), KEYS.job_events(job_id), KEYS.cancel(job_id)],
+                   args=[60])
+    attempt, num_events, flag, finished = (int(x) for x in reply)
+    return attempt, num_events, flag, finished
 
 
 def stored(client: redis.Redis, job_id: str) -> list[tuple[int, str]]:
@@ -90,3 +96,20 @@ def test_a_fenced_off_attempt_writes_publishes_and_acks_nothing(client: redis.Re
         heard.extend((e.seq, e.type) for e in unpack_events(message["data"]))
     assert heard == [(0, "start"), (1, "restart"), (2, "start")]
     pubsub.close()
+
+
+def test_a_finished_job_gets_no_new_attempt(client: redis.Redis) -> None:
+    """Found by the chaos soak: worker A finishes a job (and acks its entry) just after
+    worker B claimed that entry; B then begins it. A new attempt would set the job back to
+    ``running`` with nobody left to finish it (the entry is acked): B must see it is done."""
+    publisher = make_publisher("a")
+    attempt, _, _ = begin(client, "done")
+    job = InFlight(id="done", stream="s", entry_id=b"1-0", reply_channel="",
+                   num_prompt_tokens=3, attempt=attempt)
+    publisher.start(job)
+    publisher.finish(job, "length", num_output_tokens=2)
+    publisher.flush(client, [])
+    assert client.hget(KEYS.job("done"), "status") == b"succeeded"
+    assert begin_raw(client, "done") == (0, 0, 0, 1)  # B: finished, nothing to run
+    assert client.hget(KEYS.job("done"), "status") == b"succeeded"
+    assert client.hget(KEYS.job("done"), "attempt") == str(attempt).encode()
