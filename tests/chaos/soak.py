@@ -373,7 +373,9 @@ class Soak:
             assert o.id is not None
             job_keys = [keys.job(o.id), keys.job_text(o.id), keys.job_events(o.id),
                         keys.cancel(o.id)]
-            sizes = {k: client.memory_usage(k) or 0 for k in job_keys}
+            # EXISTS first: it expires a key whose TTL has passed (MEMORY USAGE alone
+            # can still see one that Redis has not yet reclaimed)
+            sizes = {k: client.memory_usage(k) or 0 for k in job_keys if client.exists(k)}
             overhead = sum(sizes.values()) - client.strlen(keys.job_text(o.id))
             if overhead > report.max_job_overhead_bytes:
                 events_ttl = client.ttl(keys.job_events(o.id))
