@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from gateway.server import run
 from shared.settings import Settings
 
 if __name__ == "__main__":
-    run(Settings())
+    sys.exit(run(Settings()))

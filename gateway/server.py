@@ -1,4 +1,6 @@
-"""``run(settings)``: serve the gateway with uvicorn (what ``tokenfleet gateway`` calls).
+"""``run(settings)``: serve the gateway with uvicorn (what ``tokenfleet gateway`` calls);
+with ``TOKENFLEET_GATEWAY_WORKERS`` > 1, that many gateway processes on one port
+(``gateway.processes``), each drained as below.
 
 On SIGTERM (or Ctrl-C) the gateway drains in two steps:
 
@@ -17,9 +19,10 @@ import contextlib
 import logging
 import math
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -34,12 +37,19 @@ logger = logging.getLogger("tokenfleet.gateway")
 class _Server(uvicorn.Server):
     """uvicorn, with the gateway marked as shutting down as soon as a signal arrives."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_delay_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_delay_s: float,
+                 on_started: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self._app = app
         self._shutdown_delay_s = shutdown_delay_s
+        self._on_started = on_started
         self._exit_at: float | None = None  # time.monotonic() when step 2 starts
         self._announced = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit and self._on_started is not None:
+            self._on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -77,9 +87,24 @@ class _Server(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings) -> int:
+    """Serve until stopped; the exit code (0: drained cleanly)."""
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.gateway_workers > 1:
+        from gateway.processes import run_processes
+
+        return run_processes(settings, settings.gateway_workers)
+    serve(settings)
+    return 0
+
+
+def serve(settings: Settings, sockets: list[socket.socket] | None = None,
+          on_started: Callable[[], None] | None = None, name: str = "gateway") -> None:
+    """One gateway process: uvicorn binds ``settings.host:port``, or serves ``sockets``.
+    ``on_started`` runs once it accepts connections."""
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -90,4 +115,4 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=math.ceil(settings.gateway_drain_timeout_s),
         lifespan="on",
     )
-    _Server(config, app, settings.gateway_shutdown_delay_s).run()
+    _Server(config, app, settings.gateway_shutdown_delay_s, on_started).run(sockets)

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     # --- Gateway -----------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = 8000
+    gateway_workers: int = 1  # gateway processes on the port (tokenfleet gateway --workers)
     auth: bool = False  # require "Authorization: Bearer <key>"
     # static keys, comma-separated in the environment
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -112,6 +113,8 @@ class Settings(BaseSettings):
         for name in ("auth_cache_s", "gateway_drain_timeout_s", "gateway_shutdown_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TOKENFLEET_{name.upper()} must be >= 0")
+        if self.gateway_workers < 1:
+            raise ValueError("TOKENFLEET_GATEWAY_WORKERS must be >= 1")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("TOKENFLEET_METRICS_PORT must be 0 (off) or a port number")
         if self.scale_down_idle_s < 0 or self.scale_target_requests < 1 \

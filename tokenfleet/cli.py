@@ -86,8 +86,7 @@ def cmd_model_path(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.server import run
 
-    run(load_settings(host=args.host, port=args.port))
-    return 0
+    return run(load_settings(host=args.host, port=args.port, gateway_workers=args.workers))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -103,7 +102,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from tokenfleet.autoscale import ScalePolicy
     from tokenfleet.up import run_up
 
-    settings = load_settings(host=args.host, port=args.port)
+    settings = load_settings(host=args.host, port=args.port,
+                             gateway_workers=args.gateway_workers)
     if args.workers != "auto":
         if args.min_workers is not None or args.max_workers is not None:
             raise TokenfleetError("--min-workers/--max-workers need --workers auto")
@@ -123,6 +123,12 @@ def _workers_flag(value: str) -> str:
     if value == "auto" or value.isdigit():
         return value
     raise argparse.ArgumentTypeError("expected a number of workers or 'auto'")
+
+
+def _positive_int(value: str) -> int:
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise argparse.ArgumentTypeError("expected a whole number >= 1")
 
 
 # --- argument parsing -----------------------------------------------------------------------
@@ -149,11 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --workers auto: never fewer (default 0: scale to zero)")
     up.add_argument("--max-workers", type=int, metavar="N",
                     help=f"with --workers auto: never more (default {DEFAULT_MAX_WORKERS})")
+    up.add_argument("--gateway-workers", type=_positive_int, metavar="N",
+                    help="gateway processes on the port (TOKENFLEET_GATEWAY_WORKERS, default 1)")
     up.set_defaults(func=cmd_up)
 
     gateway = commands.add_parser("gateway", help="run the HTTP gateway",
                                   description="Run the HTTP gateway (FastAPI on uvicorn).")
     _add_http_flags(gateway)
+    gateway.add_argument("--workers", type=_positive_int, metavar="N",
+                         help="gateway processes serving the port, each with its own event "
+                         "channel; one per core (TOKENFLEET_GATEWAY_WORKERS, default 1)")
     gateway.set_defaults(func=cmd_gateway)
 
     worker = commands.add_parser("worker", help="run one inference worker",

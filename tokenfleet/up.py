@@ -106,7 +106,8 @@ def run_up(settings: Settings, workers: int, scaling: ScalePolicy | None = None)
         settings = settings.model_copy(update={"redis_url": redis_url})
         model = _ensure_model(settings)
         fleet.env.update(TOKENFLEET_REDIS_URL=redis_url, TOKENFLEET_HOST=settings.host,
-                         TOKENFLEET_PORT=str(settings.port))
+                         TOKENFLEET_PORT=str(settings.port),
+                         TOKENFLEET_GATEWAY_WORKERS=str(settings.gateway_workers))
         if scaling is not None and scaling.min_workers == 0:
             fleet.env["TOKENFLEET_SCALE_TO_ZERO"] = "true"  # queue while no worker runs
         fleet.start_role("gateway", "gateway")
@@ -180,7 +181,7 @@ def _banner(settings: Settings, redis_text: str, workers: str, model: str,
     return "\n".join([
         "",
         "tokenfleet is up",
-        f"  gateway:  http://{host}:{settings.port}{listening}",
+        f"  gateway:  http://{host}:{settings.port}{listening}{_processes(settings)}",
         f"  redis:    {redis_text}",
         f"  model:    {model}",
         f"  workers:  {workers}",
@@ -192,6 +193,11 @@ def _banner(settings: Settings, redis_text: str, workers: str, model: str,
         "Press Ctrl-C to stop.",
         "",
     ])
+
+
+def _processes(settings: Settings) -> str:
+    count = settings.gateway_workers
+    return f" ({count} processes)" if count > 1 else ""
 
 
 def _print_when_ready(settings: Settings, banner: str) -> Callable[[], None]:

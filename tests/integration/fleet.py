@@ -36,9 +36,11 @@ class Fleet:
         """Every worker started so far (dead ones too), in start order."""
         return [c.proc for c in self.supervisor.children if c.name.startswith("worker")]
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, processes: int = 1) -> None:
+        """The gateway; ``processes`` > 1: ``tokenfleet gateway --workers N``."""
         self.port = self.port or free_port()
-        child = self.supervisor.start_role("gateway", "gateway",
+        flags = ["--workers", str(processes)] if processes > 1 else []
+        child = self.supervisor.start_role("gateway", "gateway", *flags,
                                            extra_env={"TOKENFLEET_PORT": str(self.port)})
         self.gateway = child.proc
 
