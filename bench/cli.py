@@ -24,7 +24,9 @@ from bench.metrics import RunResult, summarize
 from bench.workload import MIXED_MAX_TOKENS, WORKLOADS, make_requests, split_among_clients
 from shared.settings import Settings
 
-SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
+DEFAULT_SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
+BATCH_SYSTEMS = ("batch", "batch-rss")  # offline batches (bench/batch_bench.py); not default
+SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 QUICK_MAX_TOKENS = 8
 MIN_REQUESTS = 8  # per closed-loop point: at least one whole max_tokens cycle
@@ -35,8 +37,9 @@ System = Callable[[Any, Load], RunResult]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--systems", default=",".join(SYSTEMS),
-                        help="comma-separated subset of: " + ", ".join(SYSTEMS))
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (default: "
+                        "all but " + ", ".join(BATCH_SYSTEMS) + ")")
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
     parser.add_argument("--concurrency", default="1,4,16,32,64",
                         help="closed-loop client counts for engine and full (default 1,4,16,32,64)")
@@ -59,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bus-concurrency", type=int, default=128)
     parser.add_argument("--bus-tokens", type=int, default=16,
                         help="dummy tokens per request from the null engine (default 16)")
+    parser.add_argument("--batch-lines", type=int, default=2000,
+                        help="batch: lines of the measured batch (default 2000)")
+    parser.add_argument("--batch-rss-lines", type=int, default=100_000,
+                        help="batch-rss: lines of the null-engine batch (default 100000)")
     parser.add_argument("--http-client", choices=("httpx", "raw"), default="httpx",
                         help="load generator's HTTP client for full (default httpx)")
     parser.add_argument("--bus-http-client", choices=("httpx", "raw"), default="raw",
@@ -260,6 +267,12 @@ class Bench:
             self.run_fleet("full", {}, self.points("full"), self.load, self.args.http_client)
         if "bus" in self.systems:
             self.run_bus()
+        if "batch" in self.systems:
+            from bench.batch_bench import run_batch
+            run_batch(self)
+        if "batch-rss" in self.systems:
+            from bench.batch_bench import run_batch_rss
+            run_batch_rss(self)
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)

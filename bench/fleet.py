@@ -38,11 +38,13 @@ def cores_used(before: dict[str, float], after: dict[str, float], wall_s: float,
 
 
 class LocalFleet:
-    def __init__(self, env: dict[str, str], workers: int = 1, prefix: str = "tfbench") -> None:
+    def __init__(self, env: dict[str, str], workers: int = 1, prefix: str = "tfbench",
+                 extra_roles: tuple[str, ...] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenfleet-bench-"))
         self.port = free_port()
         self.prefix = prefix
         self.num_workers = workers
+        self.extra_roles = extra_roles  # e.g. ("orchestrator",): started after the workers
         binary = find_redis_server()
         if binary is None:
             raise RuntimeError(not_found_message())
@@ -67,6 +69,8 @@ class LocalFleet:
             self.supervisor.start_role("gateway", "gateway")
             for i in range(self.num_workers):
                 self.supervisor.start_role(f"worker{i}", "worker")
+            for role in self.extra_roles:
+                self.supervisor.start_role(role, role)
             self.supervisor.wait_ready(self.url, self.num_workers, READY_TIMEOUT_S)
         except BaseException:
             self.__exit__(None, None, None)
@@ -76,6 +80,10 @@ class LocalFleet:
     def __exit__(self, *exc: object) -> None:
         self.supervisor.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pid(self, name: str) -> int | None:
+        """The pid of child ``name`` (``gateway``, ``worker0``, ``orchestrator``...)."""
+        return next((c.proc.pid for c in self.supervisor.children if c.name == name), None)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by each fleet process and by this one (the

@@ -11,6 +11,7 @@ from typing import Any
 
 TARGET_CLIENTS = 32  # full path vs the baselines
 EFFICIENCY_CLIENTS = 64
+BATCH_REFERENCE_CLIENTS = 64  # the batch's throughput against the full path at 64 clients
 
 
 def _find(runs: list[dict[str, Any]], system: str, clients: int | None, key: str,
@@ -58,5 +59,15 @@ def compute_targets(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[di
                      whole, ">= 0.35", 0.35))
     bus = _find(runs, "bus", None, "requests_per_s")
     rows.append(("bus requests/s (one gateway)", bus, bus, ">= 2000", 2000.0))
+    batch = _find(runs, "batch", None, "output_tokens_per_s")
+    reference = _find(runs, "full", BATCH_REFERENCE_CLIENTS, "steady_tokens_per_s")
+    ratio = _ratio(batch, reference)
+    rows.append((f"batch tok/s / full steady at {BATCH_REFERENCE_CLIENTS} clients", ratio, ratio,
+                 ">= 0.9", 0.9))
+    idle = _find(runs, "interactive", None, "ttft_p99_ms")
+    during = _find(runs, "interactive+batch", None, "ttft_p99_ms")
+    slowdown = _ratio(during, idle)
+    rows.append(("interactive TTFT p99 during a batch / idle", slowdown, slowdown, "<= 2x", 2.0))
     return [{"name": n, "value": v, "whole_run": w, "goal": g,
-             "met": None if v is None else v >= t} for n, v, w, g, t in rows]
+             "met": None if v is None else (v <= t if g.startswith("<=") else v >= t)}
+            for n, v, w, g, t in rows]

@@ -68,6 +68,22 @@ def test_targets_come_from_the_rows_and_say_when_an_input_is_missing() -> None:
     assert bus["value"] == 750.0 and bus["met"] is False
 
 
+def test_batch_targets_compare_with_the_full_path_and_the_idle_fleet() -> None:
+    runs = [{**_row("full", 64, 300.0), "steady_tokens_per_s": 300.0},
+            {"system": "batch", "concurrency": None, "rate": None,
+             "output_tokens_per_s": 285.0},
+            {"system": "interactive", "concurrency": 4, "rate": None, "ttft_p99_ms": 100.0},
+            {"system": "interactive+batch", "concurrency": 4, "rate": None,
+             "ttft_p99_ms": 250.0}]
+    targets = {t["name"]: t for t in compute_targets(runs, {})}
+    throughput = targets["batch tok/s / full steady at 64 clients"]
+    assert throughput["value"] == 0.95 and throughput["met"] is True
+    slowdown = targets["interactive TTFT p99 during a batch / idle"]
+    assert slowdown["value"] == 2.5 and slowdown["met"] is False  # a "<=" goal
+    targets = {t["name"]: t for t in compute_targets(runs[:1], {})}
+    assert targets["interactive TTFT p99 during a batch / idle"]["met"] is None
+
+
 def test_decode_efficiency_is_none_without_inputs() -> None:
     assert decode_efficiency(None, 10, 1.0) is None
     assert decode_efficiency(5.0, 0, 1.0) is None
