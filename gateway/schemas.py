@@ -63,8 +63,11 @@ class GenerationParams(_Strict):
     n: int | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0,
+                                             description="extension (vLLM): 1 = off")
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0, description="extension")
     logit_bias: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -13,7 +13,8 @@ from shared.errors import InvalidRequestError
 from shared.protocol import SamplingParams
 from shared.settings import Settings
 
-_ROLE_FOR_TEMPLATE = {"developer": "system"}  # most templates know only the classic roles
+_ROLE_FOR_TEMPLATE = {"developer": "system"}
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias  # most templates know only the classic roles
 
 
 def check_supported(body: GenerationParams) -> None:
@@ -34,11 +35,6 @@ def check_supported(body: GenerationParams) -> None:
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidRequestError("response_format other than text is not supported",
                                   param="response_format")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise InvalidRequestError(f"{name} is not supported", param=name)
-    if body.logit_bias:
-        raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
     if isinstance(body, CompletionRequest):
         if body.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
@@ -214,6 +210,7 @@ def sampling_params(body: GenerationParams, *, max_tokens: int, stop: list[str],
             param="min_tokens")
     model = usable_sampling_defaults(defaults or {})
     base = SamplingParams()
+    bias = logit_bias_pairs(body.logit_bias, vocab_size)
     temperature = _first(body.temperature, model.get("temperature"), base.temperature)
     top_p = _first(body.top_p, model.get("top_p"), base.top_p)
     top_k = int(_first(body.top_k, model.get("top_k"), base.top_k))
@@ -227,7 +224,42 @@ def sampling_params(body: GenerationParams, *, max_tokens: int, stop: list[str],
         stop_token_ids=stop_ids,
         ignore_eos=body.ignore_eos,
         min_tokens=body.min_tokens,
+        presence_penalty=float(body.presence_penalty or 0.0),
+        frequency_penalty=float(body.frequency_penalty or 0.0),
+        repetition_penalty=float(_first(body.repetition_penalty, base.repetition_penalty)),
+        logit_bias=bias,
+        min_p=float(body.min_p or 0.0),
     )
+
+
+def logit_bias_pairs(bias: Mapping[str, object] | None,
+                     vocab_size: int) -> list[list[int | float]]:
+    """OpenAI's ``{"token id": bias}`` as ``[[id, bias], ...]``; each bias in -100..100."""
+    if not bias:
+        return []
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}",
+            param="logit_bias")
+    pairs: list[list[int | float]] = []
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                param="logit_bias") from None
+        if not 0 <= token < vocab_size:
+            raise InvalidRequestError(
+                f"logit_bias: {token} is not a token id of this model (vocabulary of "
+                f"{vocab_size})", param="logit_bias")
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not -100 <= value <= 100):
+            raise InvalidRequestError(
+                f"logit_bias values must be numbers from -100 to 100, got {value!r} for "
+                f"token {token}", param="logit_bias")
+        pairs.append([token, float(value)])
+    return pairs
 
 
 def _first(*values: float | int | None) -> float | int:

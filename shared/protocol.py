@@ -45,10 +45,22 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    # OpenAI's penalties (-2..2) and vLLM's repetition penalty (> 0, 1 = off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: list[list[int | float]] = field(default_factory=list)  # [[token id, bias]]
+    min_p: float = 0.0  # keep tokens with probability >= min_p x the top one's (0 = off)
+    logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
 
 @dataclass(slots=True)
@@ -165,10 +177,43 @@ def _params_from(obj: Any) -> SamplingParams:
         stop_token_ids=_int_list(obj.get("stop_token_ids", []), "stop_token_ids", what),
         ignore_eos=bool(obj.get("ignore_eos", False)),
         min_tokens=_get(obj, "min_tokens", int, what) if "min_tokens" in obj else 0,
+        presence_penalty=_optional_float(obj, "presence_penalty", 0.0, what),
+        frequency_penalty=_optional_float(obj, "frequency_penalty", 0.0, what),
+        repetition_penalty=_optional_float(obj, "repetition_penalty", 1.0, what),
+        logit_bias=_bias_pairs(obj.get("logit_bias", []), what),
+        min_p=_optional_float(obj, "min_p", 0.0, what),
+        logprobs=_optional_int(obj, "logprobs", what),
     )
     if params.max_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1:
         raise ProtocolError(f"{what}: values out of range: {params}")
+    if params.repetition_penalty <= 0 or not 0 <= params.min_p <= 1:
+        raise ProtocolError(f"{what}: values out of range: {params}")
+    if params.logprobs is not None and params.logprobs < 0:
+        raise ProtocolError(f"{what}: logprobs must be >= 0")
     return params
+
+
+def _optional_float(obj: dict[str, Any], name: str, default: float, what: str) -> float:
+    if name not in obj:
+        return default
+    return float(_get(obj, name, (int, float), what))
+
+
+def _optional_int(obj: dict[str, Any], name: str, what: str) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    return int(_get(obj, name, int, what))
+
+
+def _bias_pairs(value: Any, what: str) -> list[list[int | float]]:
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], int)
+        and not isinstance(pair[0], bool) and isinstance(pair[1], (int, float))
+        and not isinstance(pair[1], bool) for pair in value
+    ):
+        raise ProtocolError(f"{what}: logit_bias must be a list of [token id, bias] pairs")
+    return value
 
 
 def unpack_request(data: bytes) -> GenerateRequest:

@@ -83,7 +83,6 @@ def test_chat_messages_flatten_text_parts_and_map_developer() -> None:
     ({"top_logprobs": 2}, "logprobs are not supported"),
     ({"tools": [{"type": "function"}]}, "tools are not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
 ])
 def test_unsupported_features_are_rejected(fields: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):

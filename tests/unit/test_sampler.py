@@ -12,7 +12,7 @@ import torch
 from shared.protocol import SamplingParams
 from tests.unit.tiny_model import tiny_engine, tiny_llama
 from worker.engine.engine import LLMEngine
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.sequence import Sequence
 from worker.engine.types import EngineRequest, RequestOutput
 
@@ -184,11 +184,13 @@ class _PoisonSampler(Sampler):
 
     POISON = 666
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence],
-               uniforms: list[float] | None = None) -> list[int]:
+    def sample_with_logprobs(self, logits: torch.Tensor, seqs: list[Sequence],
+                             uniforms: list[float] | None = None,
+                             masks: torch.Tensor | None = None,
+                             ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if any(s.params.seed == self.POISON for s in seqs):
             raise RuntimeError("poisoned sampling")
-        return super().sample(logits, seqs, uniforms)
+        return super().sample_with_logprobs(logits, seqs, uniforms, masks)
 
 
 def _outputs(engine: LLMEngine) -> dict[str, list[RequestOutput]]:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from worker.engine.model_runner import ModelRunner, PrefillChunk
-from worker.engine.sampler import Sampler
+from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from worker.engine.sequence import Sequence, SequenceStatus
 from worker.engine.types import EngineRequest, EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
+
+Sampled = tuple[Sequence, int, "TokenLogprobs | None"]  # a row, its token, its logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +126,8 @@ class LLMEngine:
         if sampled:
             tokens, failed = self._sample_isolated(sampled, logits)
             outputs.extend(failed)
-            for seq, token in tokens:
-                outputs.append(self._postprocess_safely(seq, token))
+            for seq, token, logprobs in tokens:
+                outputs.append(self._postprocess_safely(seq, token, logprobs))
         return outputs
 
     # --- internals --------------------------------------------------------------------------
@@ -189,7 +192,7 @@ class LLMEngine:
 
     def _sample_isolated(
         self, seqs: list[Sequence], logits: torch.Tensor,
-    ) -> tuple[list[tuple[Sequence, int]], list[RequestOutput]]:
+    ) -> tuple[list[Sampled], list[RequestOutput]]:
         """Sample every row in one pass; if that raises, row by row, failing only the rows
         that fail alone. The uniforms are drawn once, so the survivors' tokens are the ones
         the batch pass would have given."""
@@ -203,17 +206,18 @@ class LLMEngine:
         if None not in uniforms:
             try:
                 drawn = [u for u in uniforms if u is not None]
-                tokens = self.sampler.sample(logits, seqs, drawn)
-                return list(zip(seqs, tokens, strict=True)), []
+                tokens, logprobs = self.sampler.sample_with_logprobs(logits, seqs, drawn)
+                return list(zip(seqs, tokens, logprobs, strict=True)), []
             except Exception:
                 log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
-        pairs: list[tuple[Sequence, int]] = []
+        pairs: list[Sampled] = []
         failed: list[RequestOutput] = []
         for i, (seq, uniform) in enumerate(zip(seqs, uniforms, strict=True)):
             try:
                 if uniform is None:
                     raise RuntimeError("could not draw from the request's generator")
-                pairs.append((seq, self.sampler.sample(logits[i:i + 1], [seq], [uniform])[0]))
+                got, lps = self.sampler.sample_with_logprobs(logits[i:i + 1], [seq], [uniform])
+                pairs.append((seq, got[0], lps[0]))
             except Exception as exc:
                 log.warning("request %s fails sampling on its own: %r", seq.id, exc)
                 failed.append(self._fail(seq, f"sampling failed: {type(exc).__name__}: {exc}"))
@@ -228,14 +232,16 @@ class LLMEngine:
                              error=error, num_prompt_tokens=seq.num_prompt_tokens,
                              num_output_tokens=seq.num_output_tokens)
 
-    def _postprocess_safely(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess_safely(self, seq: Sequence, token: int,
+                            logprobs: TokenLogprobs | None = None) -> RequestOutput:
         try:
-            return self._postprocess(seq, token)
+            return self._postprocess(seq, token, logprobs)
         except Exception as exc:  # e.g. a tokenizer that cannot decode
             log.exception("post-processing request %s failed", seq.id)
             return self._fail(seq, f"post-processing failed: {type(exc).__name__}: {exc}")
 
-    def _postprocess(self, seq: Sequence, token: int) -> RequestOutput:
+    def _postprocess(self, seq: Sequence, token: int,
+                     logprobs: TokenLogprobs | None = None) -> RequestOutput:
         seq.append_token(token)
         detok = self.detoks[seq.id]
         params = seq.params
@@ -255,7 +261,16 @@ class LLMEngine:
             finished=status.is_finished, finish_reason=status.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             first_token=seq.num_output_tokens == 1,
+            logprobs=[] if logprobs is None else [self._wire_logprobs(token, logprobs)],
         )
+
+    def _wire_logprobs(self, token: int, logprobs: TokenLogprobs) -> list[Any]:
+        """``[token text, logprob, [[text, logprob], ...]]`` (``RequestOutput.logprobs``)."""
+        top = [[self._token_text(i), value] for i, value in logprobs.top]
+        return [self._token_text(token), logprobs.logprob, top]
+
+    def _token_text(self, token: int) -> str:
+        return self.decoder.decode([token], skip_special_tokens=False)
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         if seq.id not in self.seqs:

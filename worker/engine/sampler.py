@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.logits_process import apply_controls
 from worker.engine.sequence import Sequence
 
 _NUCLEUS_CANDIDATES = 256
@@ -41,6 +42,15 @@ class RowParams:
     uniform: torch.Tensor  # float32 [n], in [0, 1)
     num_candidates: int  # K: the candidates every row's threshold is looked up among
     has_filter: bool  # some row uses top-k or top-p
+    min_p: torch.Tensor | None = None  # float32 [n]; None: no row uses min-p
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """The sampled token's log-probability and the ``k`` most likely tokens' (id, value)."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 class Sampler:
@@ -55,14 +65,32 @@ class Sampler:
         return [0.0 if s.params.is_greedy else self._uniform(s) for s in seqs]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence],
-               uniforms: list[float] | None = None) -> list[int]:
+               uniforms: list[float] | None = None,
+               masks: torch.Tensor | None = None) -> list[int]:
         """``logits``: float32 ``[len(seqs), vocab]``; returns one token id per sequence.
-        ``uniforms`` (from ``draw``) are drawn here when not given."""
+        ``uniforms`` (from ``draw``) are drawn here when not given; ``masks``: the rows'
+        grammar masks (bool ``[len(seqs), vocab]``, True = allowed), None when no row has
+        one."""
+        return self.sample_with_logprobs(logits, seqs, uniforms, masks)[0]
+
+    def sample_with_logprobs(
+        self, logits: torch.Tensor, seqs: list[Sequence], uniforms: list[float] | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """As ``sample``, with each row's log-probabilities when its request asks for them
+        (``log_softmax`` of the logits after the grammar mask, bias and penalties, before
+        temperature, top-k/top-p and min-p: vLLM's and OpenAI's values)."""
         if not seqs:
-            return []
+            return [], []
         if uniforms is None:
             uniforms = self.draw(seqs)
         logits = self._suppress_eos(logits, seqs)
+        logits = apply_controls(logits, seqs, masks)
+        tokens = self._pick(logits, seqs, uniforms)
+        return tokens.tolist(), _logprobs(logits, seqs, tokens)
+
+    def _pick(self, logits: torch.Tensor, seqs: list[Sequence],
+              uniforms: list[float]) -> torch.Tensor:
         tokens = torch.argmax(logits, dim=-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
         if rows:
@@ -70,7 +98,7 @@ class Sampler:
             params = _row_params([seqs[i] for i in rows], [uniforms[i] for i in rows],
                                  logits.shape[-1], logits.device)
             tokens[index] = _sample_rows(logits.index_select(0, index), params)
-        return tokens.tolist()
+        return tokens
 
     def _suppress_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
@@ -93,13 +121,39 @@ def _row_params(seqs: list[Sequence], uniforms: list[float], vocab: int,
     top_ps = [min(max(s.params.top_p, 0.0), 1.0) for s in seqs]
     has_filter = any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps)
     candidates = min(vocab, max([_NUCLEUS_CANDIDATES, *top_ks]))
+    min_ps = [min(max(s.params.min_p, 0.0), 1.0) for s in seqs]
     return RowParams(
         temperature=torch.tensor(temps, device=device, dtype=torch.float32),
         top_k=torch.tensor(top_ks, device=device, dtype=torch.long),
         top_p=torch.tensor(top_ps, device=device, dtype=torch.float32),
         uniform=torch.tensor(uniforms, dtype=torch.float32, device="cpu").to(device),
         num_candidates=candidates, has_filter=has_filter,
+        min_p=(torch.tensor(min_ps, device=device, dtype=torch.float32)
+               if any(min_ps) else None),
     )
+
+
+def _logprobs(logits: torch.Tensor, seqs: list[Sequence],
+              tokens: torch.Tensor) -> list[TokenLogprobs | None]:
+    """One pass over the rows that ask for log-probabilities; None for the others."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device, dtype=torch.long)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1).tolist()
+    k = min(max(seqs[i].params.logprobs or 0 for i in rows), logp.shape[-1])
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if k:
+        values, ids = torch.topk(logp, k, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        want = seqs[i].params.logprobs or 0
+        top = list(zip(top_ids[j][:want], top_values[j][:want], strict=True))
+        out[i] = TokenLogprobs(chosen[j], top)
+    return out
 
 
 def _sample_rows(logits: torch.Tensor, p: RowParams) -> torch.Tensor:
@@ -110,6 +164,9 @@ def _sample_rows(logits: torch.Tensor, p: RowParams) -> torch.Tensor:
     if p.has_filter:
         threshold = _thresholds(scaled, log_norm, p)
         probs = probs.masked_fill(scaled < threshold.unsqueeze(1), 0.0)
+    if p.min_p is not None:  # relative to the most likely token (kept by any filter)
+        floor = p.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
     return _inverse_cdf(probs, p.uniform)
 
 
@@ -124,7 +181,7 @@ def _thresholds(scaled: torch.Tensor, log_norm: torch.Tensor, p: RowParams) -> t
             rows = torch.nonzero(wide).squeeze(1)
             full, _ = torch.sort(scaled.index_select(0, rows), dim=-1, descending=True)
             sub = RowParams(p.temperature[rows], p.top_k[rows], p.top_p[rows], p.uniform[rows],
-                            scaled.shape[-1], True)
+                            scaled.shape[-1], True, None)
             threshold = threshold.index_copy(0, rows, _threshold_among(full, log_norm[rows], sub))
     return threshold
 

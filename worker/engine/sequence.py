@@ -56,6 +56,7 @@ class Sequence:
     reserved_len: int = 0  # prompt + max_tokens, capped at the context: the cache budget
     generator: torch.Generator | None = None
     error: str | None = None
+    prompt_mask: torch.Tensor | None = None  # the prompt's tokens (repetition penalty)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,7 +8,7 @@ The engine is pure Python/torch: it knows nothing of Redis. The queue loop calls
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.protocol import SamplingParams
 
@@ -34,6 +34,8 @@ class RequestOutput:
     num_output_tokens: int = 0
     error: str | None = None
     first_token: bool = False  # this output carries the request's first generated token
+    # per new token, when the request asked: [text, logprob, [[text, logprob], ...]]
+    logprobs: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
