@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive
@@ -31,15 +32,19 @@ STOP_WAIT_TIMEOUT_S = 5.0
 async def collect(events: AsyncIterator[TokenEvent], prompt_tokens: int) -> Outcome:
     """The whole answer from a request's events."""
     parts: list[str] = []
+    logprobs: list[list[Any]] = []
     async for event in events:
         if event.type == EVENT_TOKEN:
             parts.append(event.text)
+            logprobs.extend(event.logprobs)
         elif event.type == EVENT_RESTART:
             parts.clear()
+            logprobs.clear()
         elif event.type == EVENT_DONE:
             return Outcome(text="".join(parts), finish_reason=event.finish_reason or "stop",
                            prompt_tokens=event.prompt_tokens or prompt_tokens,
-                           completion_tokens=event.completion_tokens)
+                           completion_tokens=event.completion_tokens,
+                           logprobs=logprobs or None)
         elif event.type == EVENT_ERROR:
             raise _failure(event)
     raise GenerationFailedError("the event stream ended without a result")
@@ -67,7 +72,8 @@ async def respond(gw: GatewayState, submission: Submission, receive: Receive) ->
     request = submission.request
     fmt = OpenAIFormat(kind=submission.kind, id=request.id, model=request.model,
                        created=int(request.created_at),
-                       include_usage=submission.include_usage)
+                       include_usage=submission.include_usage,
+                       wants_logprobs=request.params.logprobs is not None)
     mailbox = gw.dispatcher.register(request.id)  # before XADD: no event can be missed
     try:
         await enqueue(gw, submission)

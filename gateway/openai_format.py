@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from gateway.logprobs_format import chat_logprobs, completion_logprobs
+
 Kind = Literal["chat", "completion"]
 
 
@@ -16,6 +18,7 @@ class Outcome:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[list[Any]] | None = None  # the tokens' entries when the request asked
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
@@ -35,6 +38,15 @@ class OpenAIFormat:
     model: str
     created: int
     include_usage: bool = False
+    wants_logprobs: bool = False
+    _offset: int = 0  # text completions: characters streamed so far (logprobs' text_offset)
+
+    def _logprobs(self, entries: list[list[Any]] | None) -> dict[str, Any] | None:
+        if not self.wants_logprobs and not entries:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries or [])
+        return completion_logprobs(entries or [], self._offset)
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -48,11 +60,16 @@ class OpenAIFormat:
             chunk["usage"] = None
         return chunk
 
-    def _choice(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish_reason: str | None,
+                logprobs: list[list[Any]] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs),
+                    "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs),
+                  "finish_reason": finish_reason}
+        self._offset += len(text or "")
+        return choice
 
     def role_chunk(self) -> dict[str, Any] | None:
         """Chat streams open with the assistant role; completions have no such chunk."""
@@ -62,11 +79,13 @@ class OpenAIFormat:
                   "finish_reason": None}
         return self._chunk([choice])
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None)])
+    def delta_chunk(self, text: str, logprobs: list[list[Any]] | None = None) -> dict[str, Any]:
+        return self._chunk([self._choice(text, None, logprobs)])
 
     def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        return self._chunk([self._choice(None, finish_reason)])
+        choice = self._choice(None, finish_reason)
+        choice["logprobs"] = None
+        return self._chunk([choice])
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         chunk = self._chunk([])
@@ -78,12 +97,13 @@ class OpenAIFormat:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": outcome.text},
-                "logprobs": None,
+                "logprobs": self._logprobs(outcome.logprobs),
                 "finish_reason": outcome.finish_reason,
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": outcome.text, "logprobs": None,
+            choice = {"index": 0, "text": outcome.text,
+                      "logprobs": self._logprobs(outcome.logprobs),
                       "finish_reason": outcome.finish_reason}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,

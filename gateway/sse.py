@@ -165,7 +165,9 @@ def encode_event(event: TokenEvent, fmt: OpenAIFormat, *, request_id: str,
     """The SSE bytes of one event (``b""`` for events a client does not see)."""
     event_id = event.seq if with_id else None
     if event.type == EVENT_TOKEN:
-        return _block(event_id, sse_data(fmt.delta_chunk(event.text))) if event.text else b""
+        if not event.text and not event.logprobs:
+            return b""
+        return _block(event_id, sse_data(fmt.delta_chunk(event.text, event.logprobs)))
     if event.type == EVENT_RESTART:
         return _block(event_id, sse_restart(request_id))
     if event.is_terminal:

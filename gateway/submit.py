@@ -29,6 +29,7 @@ from gateway.validate import (
     check_supported,
     choose_max_tokens,
     completion_prompt,
+    logprobs_count,
     requested_max_tokens,
     sampling_params,
     stop_sequences,
@@ -101,6 +102,7 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
                                    prompt_param=param, max_batch_tokens=info.max_batch_tokens)
     params = sampling_params(body, max_tokens=max_tokens, stop=stop,
                              vocab_size=info.vocab_size, defaults=info.generation_defaults)
+    params.logprobs = logprobs_count(body, is_chat=chat is not None)
     if params.seed is None and not params.is_greedy:
         params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
     try:

@@ -14,7 +14,8 @@ from shared.protocol import SamplingParams
 from shared.settings import Settings
 
 _ROLE_FOR_TEMPLATE = {"developer": "system"}
-MAX_LOGIT_BIAS = 1024  # tokens one request may bias  # most templates know only the classic roles
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_TOP_LOGPROBS = 20  # most templates know only the classic roles
 
 
 def check_supported(body: GenerationParams) -> None:
@@ -22,8 +23,6 @@ def check_supported(body: GenerationParams) -> None:
     if body.n is not None and body.n != 1:
         raise InvalidRequestError("n>1 is not supported" if body.n > 1 else "n must be 1",
                                   param="n")
-    if (body.logprobs is not None and body.logprobs is not False) or body.top_logprobs:
-        raise InvalidRequestError("logprobs are not supported", param="logprobs")
     for name in ("tools", "functions"):
         if getattr(body, name):
             raise InvalidRequestError(f"{name} are not supported (no function calling)",
@@ -42,6 +41,32 @@ def check_supported(body: GenerationParams) -> None:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != 1:
             raise InvalidRequestError("best_of>1 is not supported", param="best_of")
+
+
+def logprobs_count(body: GenerationParams, *, is_chat: bool) -> int | None:
+    """How many top alternatives each token's logprobs list (None: no logprobs).
+
+    Chat: ``logprobs`` (bool) and ``top_logprobs`` (0-20, needs ``logprobs``); completions:
+    ``logprobs`` as an integer 0-20 (OpenAI allows 5; vLLM 20)."""
+    value, top = body.logprobs, body.top_logprobs
+    if is_chat:
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequestError("logprobs must be true or false in chat completions; "
+                                      "use top_logprobs for how many alternatives",
+                                      param="logprobs")
+        if top is not None and not value:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top_logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {top}",
+                                      param="top_logprobs")
+        return (top or 0) if value else None
+    if isinstance(value, bool):
+        raise InvalidRequestError("logprobs must be an integer 0 to 20 in completions "
+                                  "(how many alternatives per token)", param="logprobs")
+    if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {value}",
+                                  param="logprobs")
+    return value
 
 
 def stop_sequences(stop: str | list[str] | None, settings: Settings) -> list[str]:

@@ -92,6 +92,9 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # per token of ``token_ids``, when the request asked for logprobs:
+    # [token text, logprob, [[text, logprob], ...] (the most likely first)]
+    logprobs: list[list[Any]] = field(default_factory=list)
     v: int = PROTOCOL_VERSION
 
     @property
@@ -256,7 +259,17 @@ def _event_from(obj: Any) -> TokenEvent:
         prompt_tokens=_get(obj, "prompt_tokens", int, what),
         completion_tokens=_get(obj, "completion_tokens", int, what),
         error=error if isinstance(error, str) else None,
+        logprobs=_logprob_entries(obj.get("logprobs", []), what),
     )
+
+
+def _logprob_entries(value: Any, what: str) -> list[list[Any]]:
+    if not isinstance(value, list) or not all(
+        isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+        and isinstance(e[1], (int, float)) and isinstance(e[2], list) for e in value
+    ):
+        raise ProtocolError(f"{what}: logprobs must be [text, logprob, top] entries")
+    return value
 
 
 def unpack_event(data: bytes) -> TokenEvent:

@@ -154,7 +154,7 @@ class Publisher:
         """Events (and, when finished, the final job state and the ack) for one output."""
         if out.new_token_ids or out.text_delta:
             self._event(job, EVENT_TOKEN, text=out.text_delta, token_ids=list(out.new_token_ids),
-                        completion_tokens=out.num_output_tokens)
+                        completion_tokens=out.num_output_tokens, logprobs=out.logprobs)
             if out.text_delta:
                 self.outbox.writes(job).text.append(out.text_delta)
         if out.first_token:
@@ -205,11 +205,11 @@ class Publisher:
     def _event(self, job: InFlight, kind: str, *, text: str = "",
                token_ids: list[int] | None = None, finish_reason: str | None = None,
                prompt_tokens: int = 0, completion_tokens: int = 0,
-               error: str | None = None) -> None:
+               error: str | None = None, logprobs: list[list[Any]] | None = None) -> None:
         event = TokenEvent(
             id=job.id, seq=job.take_seq(), type=kind, text=text, token_ids=token_ids or [],
             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens, error=error,
+            completion_tokens=completion_tokens, error=error, logprobs=logprobs or [],
         )
         self.outbox.writes(job).events.append(event)
 

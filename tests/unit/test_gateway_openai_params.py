@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.schemas import ChatCompletionRequest
-from gateway.validate import sampling_params
+from gateway.openai_format import OpenAIFormat, Outcome
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.sse import encode_event
+from gateway.validate import logprobs_count, sampling_params
 from shared.errors import InvalidRequestError
+from shared.protocol import EVENT_TOKEN, TokenEvent, pack_events, unpack_events
 
 
 def chat(**fields: object) -> ChatCompletionRequest:
@@ -47,3 +50,70 @@ def test_bad_logit_bias_is_a_400_naming_it(bias: dict[str, object], message: str
 def test_out_of_range_controls_fail_validation(fields: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         chat(**fields)
+
+
+def completion(**fields: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "m", "prompt": "x", **fields})
+
+
+def test_logprobs_counts_per_kind() -> None:
+    assert logprobs_count(chat(), is_chat=True) is None
+    assert logprobs_count(chat(logprobs=True), is_chat=True) == 0
+    assert logprobs_count(chat(logprobs=True, top_logprobs=5), is_chat=True) == 5
+    assert logprobs_count(chat(logprobs=False), is_chat=True) is None
+    assert logprobs_count(completion(logprobs=3), is_chat=False) == 3
+    assert logprobs_count(completion(), is_chat=False) is None
+
+
+@pytest.mark.parametrize(("body", "is_chat", "param", "message"), [
+    ({"top_logprobs": 2}, True, "top_logprobs", "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21}, True, "top_logprobs", "0 to 20"),
+    ({"logprobs": 2}, True, "logprobs", "true or false"),
+    ({"logprobs": 21}, False, "logprobs", "0 to 20"),
+    ({"logprobs": True}, False, "logprobs", "an integer"),
+])
+def test_bad_logprobs_are_400s(body: dict[str, object], is_chat: bool, param: str,
+                               message: str) -> None:
+    request = chat(**body) if is_chat else completion(**body)
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        logprobs_count(request, is_chat=is_chat)
+    assert info.value.param == param
+
+
+ENTRIES = [["He", -0.5, [["He", -0.5], ["She", -1.5]]], ["llo", -0.25, [["llo", -0.25]]]]
+
+
+def test_chat_logprobs_shape() -> None:
+    fmt = OpenAIFormat(kind="chat", id="c", model="m", created=0, wants_logprobs=True)
+    body = fmt.response(Outcome("Hello", "stop", 3, 2, logprobs=ENTRIES))
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == ["He", "llo"]
+    assert content[0]["bytes"] == list(b"He") and content[0]["logprob"] == -0.5
+    assert content[0]["top_logprobs"][1] == {"token": "She", "logprob": -1.5,
+                                             "bytes": list(b"She")}
+    chunk = fmt.delta_chunk("He", ENTRIES[:1])
+    assert chunk["choices"][0]["logprobs"]["content"][0]["token"] == "He"
+    plain = OpenAIFormat(kind="chat", id="c", model="m", created=0)
+    assert plain.response(Outcome("Hello", "stop", 3, 2))["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_shape_and_streamed_offsets() -> None:
+    fmt = OpenAIFormat(kind="completion", id="c", model="m", created=0, wants_logprobs=True)
+    body = fmt.response(Outcome("Hello", "stop", 3, 2, logprobs=ENTRIES))
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["He", "llo"] and lp["token_logprobs"] == [-0.5, -0.25]
+    assert lp["top_logprobs"][0] == {"He": -0.5, "She": -1.5}
+    assert lp["text_offset"] == [0, 2]
+    stream = OpenAIFormat(kind="completion", id="c", model="m", created=0, wants_logprobs=True)
+    first = stream.delta_chunk("He", ENTRIES[:1])["choices"][0]["logprobs"]
+    second = stream.delta_chunk("llo", ENTRIES[1:])["choices"][0]["logprobs"]
+    assert first["text_offset"] == [0] and second["text_offset"] == [2]
+
+
+def test_a_token_event_with_logprobs_but_held_text_is_still_streamed() -> None:
+    fmt = OpenAIFormat(kind="chat", id="c", model="m", created=0, wants_logprobs=True)
+    event = TokenEvent("c", 1, EVENT_TOKEN, text="", token_ids=[5], logprobs=ENTRIES[:1])
+    assert b'"logprobs":{"content":[{"token":"He"' in encode_event(
+        event, fmt, request_id="c", prompt_tokens=1)
+    back = unpack_events(pack_events([event]))[0]
+    assert back.logprobs == ENTRIES[:1]

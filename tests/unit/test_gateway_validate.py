@@ -79,8 +79,6 @@ def test_chat_messages_flatten_text_parts_and_map_developer() -> None:
 @pytest.mark.parametrize(("fields", "message"), [
     ({"n": 2}, "n>1 is not supported"),
     ({"n": 0}, "n must be 1"),
-    ({"logprobs": True}, "logprobs are not supported"),
-    ({"top_logprobs": 2}, "logprobs are not supported"),
     ({"tools": [{"type": "function"}]}, "tools are not supported"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
 ])

@@ -246,7 +246,8 @@ class LLMEngine:
         detok = self.detoks[seq.id]
         params = seq.params
         is_eos = token in self.eos and not params.ignore_eos
-        if not is_eos and token not in params.stop_token_ids:
+        is_text = not is_eos and token not in params.stop_token_ids
+        if is_text:
             detok.add(token)
         status = SequenceStatus.RUNNING
         if is_eos or token in params.stop_token_ids or detok.stopped:
@@ -261,7 +262,8 @@ class LLMEngine:
             finished=status.is_finished, finish_reason=status.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
             first_token=seq.num_output_tokens == 1,
-            logprobs=[] if logprobs is None else [self._wire_logprobs(token, logprobs)],
+            logprobs=([self._wire_logprobs(token, logprobs)]
+                      if logprobs is not None and is_text else []),
         )
 
     def _wire_logprobs(self, token: int, logprobs: TokenLogprobs) -> list[Any]:
