@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "seconds of arrivals")
     parser.add_argument("--bus-requests", type=int, default=3000)
     parser.add_argument("--bus-concurrency", type=int, default=128)
+    parser.add_argument("--bus-gateways", default="1,2",
+                        help="bus: gateway processes (tokenfleet gateway --workers N), one row "
+                        "each, comma-separated (default 1,2)")
     parser.add_argument("--bus-tokens", type=int, default=16,
                         help="dummy tokens per request from the null engine (default 16)")
     parser.add_argument("--batch-lines", type=int, default=2000,
@@ -195,12 +198,12 @@ class Bench:
 
     def run_fleet(self, system: str, env: dict[str, str], points: list[tuple[int | None,
                   float | None]], loads: Callable[[int | None, float | None], Load],
-                  http_client: str) -> None:
+                  http_client: str, gateway_processes: int = 1) -> None:
         from bench.fleet import LocalFleet, cores_used
         from bench.http_load import run_async, run_http
 
         try:
-            fleet = LocalFleet(env).__enter__()
+            fleet = LocalFleet(env, gateway_processes=gateway_processes).__enter__()
         except Exception as exc:
             for point in points:
                 self.failed(system, point, exc)
@@ -231,14 +234,19 @@ class Bench:
         tokens = self.args.bus_tokens
         env = {"TOKENFLEET_ENGINE": "null", "TOKENFLEET_NULL_ENGINE_TOKENS": str(tokens),
                "TOKENFLEET_MAX_BATCH_SIZE": "256", "TOKENFLEET_COALESCE_MS": "2"}
-        self.describe("bus", f"closed loop, {clients} streams, {count} requests; null engine "
-                      f"({tokens} dummy tokens per request, max batch 256, coalesce 2 ms)")
+        note = (f"closed loop, {clients} streams, {count} requests; null engine ({tokens} dummy "
+                f"tokens per request, max batch 256, coalesce 2 ms)")
 
         def bus_load(clients: int | None, rate: float | None) -> Load:
             reqs = make_requests("uniform", count, tokens)
             return ClosedLoop(split_among_clients(reqs, clients or 1))
 
-        self.run_fleet("bus", env, [(clients, None)], bus_load, self.args.bus_http_client)
+        for processes in [1] if self.args.quick else _csv(self.args.bus_gateways, int):
+            system = bus_system(processes)
+            self.describe(system, f"{note}; {processes} gateway process"
+                          f"{'es' if processes > 1 else ''} on one port")
+            self.run_fleet(system, env, [(clients, None)], bus_load, self.args.bus_http_client,
+                           gateway_processes=processes)
 
     # --- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -281,6 +289,11 @@ class Bench:
         self.meta.update(foreign.stop())
         targets = [] if self.args.quick or self.is_open else compute_targets(self.runs, self.meta)
         return {"meta": self.meta, "runs": self.runs, "targets": targets}
+
+
+def bus_system(gateway_processes: int) -> str:
+    """The row name of the bus with that many gateway processes: ``bus``, ``bus-2gw``..."""
+    return "bus" if gateway_processes == 1 else f"bus-{gateway_processes}gw"
 
 
 def _settings_summary(settings: Settings) -> dict[str, Any]:

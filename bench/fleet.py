@@ -1,6 +1,7 @@
 """A throw-away local fleet for the full-path and bus benchmarks: a private redis-server
-(no persistence), one gateway and N workers, each a real process, started and stopped by
-``tokenfleet.supervisor`` (the same supervisor as ``tokenfleet up``)."""
+(no persistence), one gateway (of one or more processes) and N workers, each a real
+process, started and stopped by ``tokenfleet.supervisor`` (the same supervisor as
+``tokenfleet up``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,42 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid`` (Linux ``/proc/<pid>/task/*/children``), sorted."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found.update(int(child) for child in task.read_text().split())
+        except (OSError, ValueError):
+            continue
+    return sorted(found)
+
+
+def _is_helper(pid: int) -> bool:
+    """multiprocessing's resource tracker (a helper of spawned processes, idle)."""
+    try:
+        return b"resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float | None, list[float]]:
+    """CPU seconds of ``pid`` and its live descendants together, and of each direct child
+    but multiprocessing's resource tracker (a multi-process gateway's processes);
+    ``(None, [])`` if ``pid`` cannot be read."""
+    own = process_cpu_seconds(pid)
+    if own is None:
+        return None, []
+    total, per_child = own, []
+    for child in child_pids(pid):
+        seconds, _ = tree_cpu_seconds(child)
+        if seconds is not None:
+            total += seconds
+            if not _is_helper(child):
+                per_child.append(seconds)
+    return total, per_child
+
+
 def cores_used(before: dict[str, float], after: dict[str, float], wall_s: float,
                ) -> dict[str, float]:
     """CPU-seconds per wall second of each process between two ``cpu_seconds`` readings."""
@@ -39,7 +76,7 @@ def cores_used(before: dict[str, float], after: dict[str, float], wall_s: float,
 
 class LocalFleet:
     def __init__(self, env: dict[str, str], workers: int = 1, prefix: str = "tfbench",
-                 extra_roles: tuple[str, ...] = ()) -> None:
+                 extra_roles: tuple[str, ...] = (), gateway_processes: int = 1) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tokenfleet-bench-"))
         self.port = free_port()
         self.prefix = prefix
@@ -51,7 +88,8 @@ class LocalFleet:
         self.redis = RedisProcess(binary, self.dir / "redis", aof=False)
         child_env = dict(os.environ, **env, TOKENFLEET_REDIS_URL=self.redis_url,
                          TOKENFLEET_KEY_PREFIX=prefix, TOKENFLEET_PORT=str(self.port),
-                         TOKENFLEET_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+                         TOKENFLEET_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
+                         TOKENFLEET_GATEWAY_WORKERS=str(gateway_processes))
         self.supervisor = Supervisor(child_env, log_dir=self.dir, cwd=REPO,
                                      stop_timeout_s=stop_timeout_s(Settings()), redis=self.redis)
 
@@ -87,14 +125,19 @@ class LocalFleet:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system) used so far by each fleet process and by this one (the
-        load generator), from ``/proc``; a process that cannot be read is left out."""
+        load generator), from ``/proc``; a process that cannot be read is left out. A
+        process's live children count with it (a multi-process gateway), and each child is
+        also listed as ``<name>.<n>`` when there are several."""
         times = os.times()
         out = {"loadgen": times.user + times.system}
         pids = {child.name: child.proc.pid for child in self.supervisor.children}
         if self.redis.proc is not None:
             pids["redis"] = self.redis.proc.pid
         for name, pid in pids.items():
-            seconds = process_cpu_seconds(pid)
-            if seconds is not None:
-                out[name] = seconds
+            seconds, per_child = tree_cpu_seconds(pid)
+            if seconds is None:
+                continue
+            out[name] = seconds
+            if len(per_child) > 1:
+                out.update({f"{name}.{n}": s for n, s in enumerate(per_child, start=1)})
         return out

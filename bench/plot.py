@@ -20,7 +20,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     x_key = "rate" if is_open else "concurrency"
     systems: dict[str, list[dict[str, Any]]] = {}
     for row in result["runs"]:
-        if (row.get("output_tokens_per_s") is not None and row["system"] != "bus"
+        if (row.get("output_tokens_per_s") is not None and not row["system"].startswith("bus")
                 and row.get(x_key) is not None):
             systems.setdefault(row["system"], []).append(row)
     if not systems:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -85,3 +88,51 @@ def test_importing_bench_cli_loads_no_torch_transformers_or_fastapi() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_bus_runs_one_row_per_gateway_process_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int, dict[str, str]]] = []
+
+    def fake_run_fleet(system: str, env: dict[str, str], points: object, loads: object,
+                       http_client: str, gateway_processes: int = 1) -> None:
+        calls.append((system, gateway_processes, env))
+
+    bench = _bench("--systems", "bus", "--bus-gateways", "1,2")
+    monkeypatch.setattr(bench, "run_fleet", fake_run_fleet)
+    bench.run_bus()
+    assert [(system, n) for system, n, _ in calls] == [("bus", 1), ("bus-2gw", 2)]
+    assert all(env["TOKENFLEET_ENGINE"] == "null" for _, _, env in calls)
+    assert "2 gateway processes" in bench.meta["system_notes"]["bus-2gw"]
+    calls.clear()
+    quick = _bench("--systems", "bus", "--quick")
+    monkeypatch.setattr(quick, "run_fleet", fake_run_fleet)
+    quick.run_bus()
+    assert [(system, n) for system, n, _ in calls] == [("bus", 1)]  # CI: one fleet only
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_of_a_process_tree_counts_its_children() -> None:
+    from bench.fleet import child_pids, process_cpu_seconds, tree_cpu_seconds
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
+           "time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time\n"
+                               f"kids = [subprocess.Popen([sys.executable, '-c', {burn!r}]) "
+                               "for _ in range(2)]\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            kids = child_pids(parent.pid)
+            if len(kids) == 2 and all((process_cpu_seconds(k) or 0) >= 0.3 for k in kids):
+                break
+            time.sleep(0.05)
+        total, per_child = tree_cpu_seconds(parent.pid)
+        assert len(per_child) == 2 and all(s >= 0.3 for s in per_child)
+        assert total is not None and total >= sum(per_child) + (process_cpu_seconds(parent.pid)
+                                                                or 0) - 0.02
+    finally:
+        for kid in child_pids(parent.pid):
+            os.kill(kid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
