@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.logprobs_format import chat_logprobs, completion_logprobs
@@ -39,6 +40,8 @@ class OpenAIFormat:
     created: int
     include_usage: bool = False
     wants_logprobs: bool = False
+    _delta_parts: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False,
+                                                     compare=False)
     _offset: int = 0  # text completions: characters streamed so far (logprobs' text_offset)
 
     def _logprobs(self, entries: list[list[Any]] | None) -> dict[str, Any] | None:
@@ -82,6 +85,21 @@ class OpenAIFormat:
     def delta_chunk(self, text: str, logprobs: list[list[Any]] | None = None) -> dict[str, Any]:
         return self._chunk([self._choice(text, None, logprobs)])
 
+    def delta_json(self, text: str) -> bytes:
+        """``delta_chunk(text)`` without logprobs as compact JSON (``ensure_ascii=False``),
+        byte for byte, from a template made once per request: a stream encodes only each
+        token's text. Not for a request that wants logprobs."""
+        assert not self.wants_logprobs
+        if self.kind != "chat":
+            self._offset += len(text)
+        if self._delta_parts is None:
+            whole = dumps(self.delta_chunk(""))
+            marker = b'"content":""' if self.kind == "chat" else b'"text":""'
+            at = whole.rindex(marker) + len(marker) - 2  # the id and model come before it
+            self._delta_parts = (whole[:at], whole[at + 2:])
+        prefix, suffix = self._delta_parts
+        return prefix + dumps(text) + suffix
+
     def final_chunk(self, finish_reason: str) -> dict[str, Any]:
         choice = self._choice(None, finish_reason)
         choice["logprobs"] = None
@@ -108,3 +126,8 @@ class OpenAIFormat:
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": outcome.usage()}
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON, non-ASCII kept as UTF-8: the encoding of every stream chunk."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()

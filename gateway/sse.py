@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -22,7 +22,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import describe, error_body
-from gateway.openai_format import OpenAIFormat
+from gateway.openai_format import OpenAIFormat, dumps
 from gateway.reader import TIMED_OUT_IN_QUEUE, is_queue_timeout
 from gateway.tasks import cancel_and_wait
 from shared.errors import TokenfleetError
@@ -35,8 +35,7 @@ RESTART_MESSAGE = "the request is being retried from the start; discard the text
 
 
 def sse_data(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() \
-        + b"\n\n"
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
 def sse_restart(request_id: str) -> bytes:
@@ -88,42 +87,76 @@ class EventStreamResponse(StreamingResponse):
                 self._closer(False)
 
 
-async def with_keepalive(events: AsyncIterator[TokenEvent],
-                         interval_s: float | None) -> AsyncGenerator[TokenEvent | None, None]:
-    """``events``, with a ``None`` after every ``interval_s`` in which none arrived.
+class ReadAhead:
+    """Reads ``events`` in one task, so that the stream can take every event that has
+    arrived since its last write at once: one write per batch instead of one per token
+    when the gateway is busy, and no task per event.
 
-    The pending read is kept across ticks (never cancelled by one), so no event is lost;
-    it is cancelled only when the consumer stops early.
+    The pending read is never cancelled by a keep-alive tick, so no event is lost; it is
+    cancelled only by ``aclose`` (the consumer stops early).
     """
-    if interval_s is None:
+
+    __slots__ = ("_error", "_events", "_is_done", "_items", "_task", "_waiter")
+
+    def __init__(self, events: AsyncIterator[TokenEvent]) -> None:
+        self._events = events
+        self._items: deque[TokenEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._is_done = False
+
+    async def _pump(self) -> None:
         try:
-            async for event in events:
-                yield event
+            async for event in self._events:
+                self._items.append(event)
+                self._wake()
+        except Exception as exc:  # handed to the consumer after the events before it
+            self._error = exc
         finally:
-            await _close(events)
-        return
-    pending: asyncio.Task[TokenEvent] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.create_task(_next(events))
-            done, _ = await asyncio.wait({pending}, timeout=interval_s)
-            if not done:
-                yield None
-                continue
-            task, pending = pending, None
+            self._is_done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self, timeout_s: float | None) -> list[TokenEvent] | None:
+        """Every event read so far (waiting for one first); ``[]`` after ``timeout_s``
+        without one; ``None`` once the events have ended. Raises what reading raised."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump())
+        if not self._items and not self._is_done:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiter = waiter
+            timer = None if timeout_s is None else loop.call_later(timeout_s, _expire, waiter)
             try:
-                event = task.result()
-            except StopAsyncIteration:
-                return
-            yield event
-    finally:
-        if pending is not None:
-            await cancel_and_wait(pending, CANCEL_READ_TIMEOUT_S)
-            if not pending.cancelled():
-                with contextlib.suppress(BaseException):
-                    pending.result()
-        await _close(events)
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waiter = None
+        if self._items:
+            batch = list(self._items)
+            self._items.clear()
+            return batch
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return None if self._is_done else []
+
+    async def aclose(self) -> None:
+        """Stop the pending read now and close ``events``."""
+        if self._task is not None:
+            await cancel_and_wait(self._task, CANCEL_READ_TIMEOUT_S)
+        await _close(self._events)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _close(events: AsyncIterator[TokenEvent]) -> None:
@@ -132,10 +165,6 @@ async def _close(events: AsyncIterator[TokenEvent]) -> None:
     if closing is not None:
         with contextlib.suppress(Exception):
             await closing()
-
-
-async def _next(events: AsyncIterator[TokenEvent]) -> TokenEvent:
-    return await anext(events)
 
 
 def _block(event_id: int | None, *events: bytes) -> bytes:
@@ -167,7 +196,9 @@ def encode_event(event: TokenEvent, fmt: OpenAIFormat, *, request_id: str,
     if event.type == EVENT_TOKEN:
         if not event.text and not event.logprobs:
             return b""
-        return _block(event_id, sse_data(fmt.delta_chunk(event.text, event.logprobs)))
+        if event.logprobs or fmt.wants_logprobs:
+            return _block(event_id, sse_data(fmt.delta_chunk(event.text, event.logprobs)))
+        return _block(event_id, b"data: " + fmt.delta_json(event.text) + b"\n\n")
     if event.type == EVENT_RESTART:
         return _block(event_id, sse_restart(request_id))
     if event.is_terminal:
@@ -189,21 +220,26 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
     ``StreamCloser`` to the response too, so it also runs if the body never starts.
     """
     finished = False
-    ticks = with_keepalive(events, keepalive_s)
+    reader = ReadAhead(events)
     try:
         role = fmt.role_chunk()
         if role is not None and not is_resumed:
             yield sse_data(role)
-        async for event in ticks:
-            if event is None:
+        while (batch := await reader.take(keepalive_s)) is not None:
+            if not batch:
                 yield KEEPALIVE
                 continue
-            block = encode_event(event, fmt, request_id=request_id,
-                                 prompt_tokens=prompt_tokens, with_id=with_ids)
+            blocks = []
+            for event in batch:
+                blocks.append(encode_event(event, fmt, request_id=request_id,
+                                           prompt_tokens=prompt_tokens, with_id=with_ids))
+                if event.is_terminal:
+                    finished = True
+                    break
+            block = b"".join(blocks)
             if block:
                 yield block
-            if event.is_terminal:
-                finished = True
+            if finished:
                 return
         yield sse_error("the event stream ended without a result")
         yield DONE
@@ -219,4 +255,4 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
         finished = True
     finally:
         on_close(finished)
-        await ticks.aclose()  # stops a pending read now, not at garbage collection
+        await reader.aclose()  # stops a pending read now, not at garbage collection

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from gateway.auth import Authenticator
 from gateway.backlog import Backlog
@@ -38,10 +39,18 @@ class GatewayState:
     metrics: GatewayMetrics
     is_shutting_down: bool = False
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    _scripts: dict[str, AsyncScript] = field(default_factory=dict)
 
     @property
     def reply_channel(self) -> str:
         return self.dispatcher.channel
+
+    def script(self, lua: str) -> AsyncScript:
+        """``redis.register_script(lua)``, made once per script (it hashes the source)."""
+        script = self._scripts.get(lua)
+        if script is None:
+            script = self._scripts[lua] = self.redis.register_script(lua)
+        return script
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         """Run ``coro`` in the background (e.g. from a ``finally`` that must not await)."""

@@ -158,7 +158,7 @@ async def enqueue(gw: GatewayState, submission: Submission) -> None:
     job_key = keys.job(request.id)
     claim = submission.idempotency
     items = [part for pair in submission.job_fields(gw.gateway_id).items() for part in pair]
-    script = gw.redis.register_script(ENQUEUE_LUA)
+    script = gw.script(ENQUEUE_LUA)
     try:
         queued, job_id, bound_fingerprint = await script(
             keys=[job_key, keys.requests_stream(request.model, request.lane),
