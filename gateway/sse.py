@@ -78,6 +78,18 @@ class EventStreamResponse(StreamingResponse):
         self._generator = content
         self._closer = closer
 
+    async def stream_response(self, send: Send) -> None:
+        """Starlette's, except that the block ending with ``[DONE]`` also ends the body: one
+        write less per stream (the generator is closed right after, in ``__call__``)."""
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        async for chunk in self._generator:
+            is_last = chunk.endswith(DONE)
+            await send({"type": "http.response.body", "body": chunk, "more_body": not is_last})
+            if is_last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
@@ -221,15 +233,15 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
     """
     finished = False
     reader = ReadAhead(events)
-    try:
-        role = fmt.role_chunk()
-        if role is not None and not is_resumed:
-            yield sse_data(role)
+    role = fmt.role_chunk()
+    head = sse_data(role) if role is not None and not is_resumed else b""  # sent with the
+    try:  # first block: one write less per stream (TTFT counts the first token, not this)
         while (batch := await reader.take(keepalive_s)) is not None:
             if not batch:
-                yield KEEPALIVE
+                yield head + KEEPALIVE
+                head = b""
                 continue
-            blocks = []
+            blocks = [head]
             for event in batch:
                 blocks.append(encode_event(event, fmt, request_id=request_id,
                                            prompt_tokens=prompt_tokens, with_id=with_ids))
@@ -237,22 +249,20 @@ async def openai_stream(events: AsyncIterator[TokenEvent], fmt: OpenAIFormat, *,
                     finished = True
                     break
             block = b"".join(blocks)
+            head = b""
             if block:
                 yield block
             if finished:
                 return
-        yield sse_error("the event stream ended without a result")
-        yield DONE
         finished = True
+        yield head + sse_error("the event stream ended without a result") + DONE
     except TokenfleetError as exc:
         _, body = describe(exc)
-        yield sse_data(body)
-        yield DONE
         finished = True
+        yield head + sse_data(body) + DONE
     except RedisError as exc:
-        yield sse_error(f"Redis unavailable: {exc}", code="redis_unavailable")
-        yield DONE
         finished = True
+        yield head + sse_error(f"Redis unavailable: {exc}", code="redis_unavailable") + DONE
     finally:
         on_close(finished)
         await reader.aclose()  # stops a pending read now, not at garbage collection

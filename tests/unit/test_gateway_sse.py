@@ -12,7 +12,7 @@ from gateway.errors import GatewayTimeoutError, QueueTimeoutError, describe
 from gateway.generation import collect
 from gateway.openai_format import OpenAIFormat, Outcome
 from gateway.reader import _Cursor, _text_catch_up
-from gateway.sse import KEEPALIVE, StreamCloser, openai_stream
+from gateway.sse import DONE, KEEPALIVE, EventStreamResponse, StreamCloser, openai_stream
 from shared.protocol import (
     EVENT_DONE,
     EVENT_ERROR,
@@ -179,3 +179,64 @@ async def test_closing_a_stream_stops_its_pending_read_at_once(keepalive_s: floa
         assert await stream.__anext__() == KEEPALIVE  # a read of the next event is pending
     await stream.aclose()
     assert is_closed.is_set() and closed == [False]
+
+
+async def test_events_that_arrived_together_are_written_as_one_block() -> None:
+    arrived = asyncio.Event()
+
+    async def two_steps() -> AsyncIterator[TokenEvent]:
+        yield TokenEvent("r", 0, EVENT_START)
+        yield TokenEvent("r", 1, EVENT_TOKEN, text="a")
+        yield TokenEvent("r", 2, EVENT_TOKEN, text="b")
+        await arrived.wait()  # the next step's events arrive later, together
+        yield TokenEvent("r", 3, EVENT_TOKEN, text="c")
+        yield TokenEvent("r", 4, EVENT_DONE, finish_reason="stop")
+
+    fmt = OpenAIFormat(kind="chat", id="r", model="m", created=1)
+    chunks: list[bytes] = []
+    async for chunk in openai_stream(two_steps(), fmt, request_id="r", prompt_tokens=1,
+                                     on_close=lambda finished: None):
+        chunks.append(chunk)
+        arrived.set()
+    assert len(chunks) == 2  # role + a + b, then c + final chunk + [DONE]
+    first = [json.loads(d)["choices"][0]["delta"] for _, d in parse_sse(chunks[0].decode())]
+    assert first == [{"role": "assistant", "content": ""}, {"content": "a"}, {"content": "b"}]
+    assert chunks[1].startswith(b'data: {"id":"r"') and chunks[1].endswith(b"data: [DONE]\n\n")
+    second = [d for _, d in parse_sse(chunks[1].decode())]
+    assert json.loads(second[0])["choices"][0]["delta"] == {"content": "c"}
+    assert second[-1] == "[DONE]"
+
+
+def test_token_chunks_from_the_template_match_the_full_encoding() -> None:
+    for kind in ("chat", "completion"):
+        for usage in (False, True):
+            fast = OpenAIFormat(kind=kind, id='i"d', model="m\u00e9", created=3,  # type: ignore[arg-type]
+                                include_usage=usage)
+            full = OpenAIFormat(kind=kind, id='i"d', model="m\u00e9", created=3,  # type: ignore[arg-type]
+                                include_usage=usage)
+            for text in ["x", ' "q"\n', "\u00e9\U0001f600", "\\", '"content":""']:
+                assert fast.delta_json(text) == json.dumps(
+                    full.delta_chunk(text), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def test_the_done_block_ends_the_response_body() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"data: {}\n\n"
+        yield b"data: {}\n\n" + DONE
+        raise AssertionError("not read past [DONE]")
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        await asyncio.Event().wait()
+        return {}
+
+    closed: list[bool] = []
+    response = EventStreamResponse(body(), StreamCloser(closed.append))
+    await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert [m["more_body"] for m in bodies] == [True, False]  # no empty closing write
+    assert bodies[-1]["body"].endswith(DONE) and closed == [False]  # type: ignore[union-attr]
