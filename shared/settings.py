@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = 32768  # KV-cache budget: rows x padded length
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
     max_waiting: int = 16  # requests a worker holds locally beyond the running batch
+    # mixed: prompt chunks beside every step's decodes; phase: prefill-only or decode-only steps
+    scheduling: Literal["mixed", "phase"] = "mixed"
 
     # --- Request limits ----------------------------------------------------------------
     default_max_tokens: int = 256

@@ -9,6 +9,7 @@ import torch
 from shared.protocol import SamplingParams
 from tests.unit.tiny_model import EOS, CharDecoder, tiny_engine, tiny_llama
 from worker.engine.engine import LLMEngine
+from worker.engine.scheduler import SchedulerOutput
 from worker.engine.types import EngineRequest, RequestOutput
 
 
@@ -231,3 +232,40 @@ def test_a_failing_request_fails_alone_and_the_batch_keeps_its_tokens(
     for rid in clean:
         assert tokens(outs[rid]) == reference[rid]
     assert engine.cache.num_rows == 0 and not engine.seqs
+
+
+def _staggered_run(model: torch.nn.Module, scheduling: str,
+                   ) -> tuple[dict[str, list[int]], list[tuple[int, int]]]:
+    """Requests of different lengths arriving over the first steps, one prompt longer than
+    the prefill budget; the tokens of each and every step's (decodes, prefill chunks)."""
+    engine = tiny_engine(model, scheduling=scheduling, max_prefill_tokens=32)
+    plans: list[tuple[int, int]] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> SchedulerOutput:
+        plan = schedule()
+        plans.append((len(plan.decodes), len(plan.prefills)))
+        return plan
+
+    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    outs: dict[str, list[RequestOutput]] = {}
+    arrivals = {0: [5, 12, 3], 2: [70], 5: [9, 30], 9: [4]}  # step -> prompt lengths
+    for step in range(10_000):
+        for n in arrivals.get(step, []):
+            rid = f"s{step}-{n}"
+            engine.add_request(EngineRequest(rid, prompt(n, step), greedy(6 + n % 11)))
+        if step > max(arrivals) and not engine.has_unfinished():
+            break
+        for out in engine.step():
+            outs.setdefault(out.id, []).append(out)
+    return {rid: tokens(o) for rid, o in outs.items()}, plans
+
+
+def test_both_scheduling_policies_give_the_same_greedy_tokens(
+        model32: torch.nn.Module) -> None:
+    mixed, mixed_plans = _staggered_run(model32, "mixed")
+    phase, phase_plans = _staggered_run(model32, "phase")
+    assert len(mixed) == 7 and phase == mixed
+    assert any(d and p for d, p in mixed_plans)  # mixed packs chunks beside decodes
+    assert not any(d and p for d, p in phase_plans)  # phase never does
+    assert len(phase_plans) > len(mixed_plans)  # the paused decodes cost steps

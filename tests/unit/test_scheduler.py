@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shared.protocol import SamplingParams
@@ -119,3 +120,87 @@ def test_cache_grows_and_shrinks_keeping_data_and_frees_when_empty() -> None:
     assert cache.len_cap == 4 and float(cache.keys[0][0, 0, 2, 0]) == 7.0
     cache.free("a")
     assert cache.allocated_tokens == 0 and cache.keys == []
+
+
+def _phase(**overrides: int) -> Scheduler:
+    config = dict(max_batch_size=8, max_batch_tokens=10_000, max_prefill_tokens=64,
+                  max_context=1024)
+    config.update(overrides)
+    return Scheduler(SchedulerConfig(policy="phase", **config))
+
+
+def test_phase_pauses_decodes_while_a_prompt_prefills_then_decodes_all_together() -> None:
+    s = _phase()
+    s.add(seq("decoder", 10))
+    finish_prefill(s.schedule().prefills, s)
+    s.add(seq("long", 200))
+    shapes = []
+    for _ in range(4):
+        out = s.schedule()
+        assert not out.decodes  # decode pauses for the whole prompt
+        shapes.append([(c.seq.id, c.start, c.length) for c in out.prefills])
+        finish_prefill(out.prefills, s)
+    assert shapes == [[("long", 0, 64)], [("long", 64, 64)], [("long", 128, 64)],
+                      [("long", 192, 8)]]
+    out = s.schedule()
+    assert [q.id for q in out.decodes] == ["decoder", "long"] and not out.prefills
+
+
+def test_phase_prefills_a_window_of_arrivals_in_one_step_and_they_decode_in_step() -> None:
+    s = _phase(max_prefill_tokens=512)
+    s.add(seq("old", 10))
+    finish_prefill(s.schedule().prefills, s)
+    for name in ("a", "b", "c"):  # arrived in the same coalescing window
+        s.add(seq(name, 20))
+    out = s.schedule()
+    assert [c.seq.id for c in out.prefills] == ["a", "b", "c"] and not out.decodes
+    assert all(c.completes_prompt for c in out.prefills)
+    finish_prefill(out.prefills, s)
+    out = s.schedule()
+    assert [q.id for q in out.decodes] == ["old", "a", "b", "c"] and not out.prefills
+
+
+def test_phase_keeps_decoding_while_the_head_of_the_queue_does_not_fit() -> None:
+    s = _phase(max_batch_size=1)
+    s.add(seq("running", 10))
+    finish_prefill(s.schedule().prefills, s)
+    s.add(seq("blocked", 10))
+    for _ in range(3):
+        out = s.schedule()
+        assert [q.id for q in out.decodes] == ["running"] and not out.prefills
+    assert [q.id for q in s.waiting] == ["blocked"]
+
+
+def test_mixed_packs_new_prompts_beside_every_decode() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_batch_tokens=10_000,
+                                  max_prefill_tokens=512, max_context=1024))
+    s.add(seq("old", 10))
+    finish_prefill(s.schedule().prefills, s)
+    s.add(seq("new", 20))
+    out = s.schedule()
+    assert [q.id for q in out.decodes] == ["old"]
+    assert [c.seq.id for c in out.prefills] == ["new"]
+
+
+def test_unknown_policy_is_refused_with_the_choices() -> None:
+    try:
+        Scheduler(SchedulerConfig(policy="fifo"))  # type: ignore[arg-type]
+    except ValueError as exc:
+        assert "mixed" in str(exc) and "phase" in str(exc)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_the_setting_reaches_the_engine_config_and_refuses_other_values(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+    from worker.engine.factory import engine_config
+
+    assert engine_config(Settings(), []).scheduling == Settings().scheduling
+    monkeypatch.setenv("TOKENFLEET_SCHEDULING", "phase")
+    assert engine_config(Settings(), [2]).scheduling == "phase"
+    monkeypatch.setenv("TOKENFLEET_SCHEDULING", "fifo")
+    with pytest.raises(ValidationError, match="mixed"):
+        Settings()

@@ -36,6 +36,6 @@ class CharDecoder:
         return [ord(c) - 32 + 3 for c in text]
 
 
-def tiny_engine(model: LlamaForCausalLM, **overrides: int) -> LLMEngine:
-    config = EngineConfig(eos_token_ids=(EOS,), **overrides)
+def tiny_engine(model: LlamaForCausalLM, **overrides: int | str) -> LLMEngine:
+    config = EngineConfig(eos_token_ids=(EOS,), **overrides)  # type: ignore[arg-type]
     return LLMEngine(TransformerRunner(model), CharDecoder(), config)

@@ -15,7 +15,12 @@ import torch
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from worker.engine.model_runner import ModelRunner, PrefillChunk
 from worker.engine.sampler import Sampler, TokenLogprobs
-from worker.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from worker.engine.scheduler import (
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    SchedulingPolicy,
+)
 from worker.engine.sequence import Sequence, SequenceStatus
 from worker.engine.types import EngineRequest, EngineStats, RequestOutput
 
@@ -31,6 +36,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512
     max_waiting: int = 16  # requests held beyond the running batch
     eos_token_ids: tuple[int, ...] = ()
+    scheduling: SchedulingPolicy = "mixed"  # see worker/engine/scheduler.py
 
 
 class LLMEngine:
@@ -45,6 +51,7 @@ class LLMEngine:
             max_batch_tokens=config.max_batch_tokens,
             max_prefill_tokens=config.max_prefill_tokens,
             max_context=runner.max_context,
+            policy=config.scheduling,
         ))
         self.sampler = Sampler(list(config.eos_token_ids))
         self.eos = frozenset(config.eos_token_ids)

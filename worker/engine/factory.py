@@ -62,6 +62,7 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         max_prefill_tokens=settings.max_prefill_tokens,
         max_waiting=settings.max_waiting,
         eos_token_ids=tuple(eos),
+        scheduling=settings.scheduling,
     )
 
 

@@ -10,14 +10,27 @@ Policy, no tensors and no I/O (vLLM's ``schedule()`` / ``update`` contract):
   max_tokens, capped at the context). Reserving up front means a running sequence never
   has to be preempted. The queue is first-come first-served: a request that does not fit
   waits at the head until the batch drains enough for it.
+
+Two policies (``SchedulerConfig.policy``, ``TOKENFLEET_SCHEDULING``):
+- ``mixed`` (chunked prefill, as vLLM v1 and Sarathi-Serve): every step decodes every
+  running row and packs prompt chunks beside them;
+- ``phase`` (phase alignment, as TGI and vLLM v0 by default): a step is either prefill-only
+  or decode-only. While a prompt is unfinished or a waiting request can be admitted, the
+  step prefills (the same budget, the same admission rule) and every decoding row pauses;
+  otherwise it decodes all rows. Requests that arrive together therefore enter decode
+  together.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from worker.engine.sequence import Sequence, SequenceStatus
+
+SchedulingPolicy = Literal["mixed", "phase"]
+SCHEDULING_POLICIES: tuple[SchedulingPolicy, ...] = ("mixed", "phase")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +39,7 @@ class SchedulerConfig:
     max_batch_tokens: int = 32768
     max_prefill_tokens: int = 512
     max_context: int = 2048
+    policy: SchedulingPolicy = "mixed"
 
 
 @dataclass(slots=True)
@@ -52,6 +66,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
+        if config.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {config.policy!r}; choose from "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -81,6 +98,8 @@ class Scheduler:
 
     # --- one step -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.config.policy == "phase":
+            return self._schedule_phase()
         out = SchedulerOutput()
         budget = self.config.max_prefill_tokens
         for seq in self.running:
@@ -88,13 +107,29 @@ class Scheduler:
                 out.decodes.append(seq)
             elif budget > 0:
                 budget -= self._chunk(out, seq, budget)
+        self._admit(out, budget)
+        return out
+
+    def _schedule_phase(self) -> SchedulerOutput:
+        """Prefill-only while there is prompt work that can run, else decode-only."""
+        out = SchedulerOutput()
+        budget = self.config.max_prefill_tokens
+        for seq in self.running:
+            if seq.is_prefilling and budget > 0:
+                budget -= self._chunk(out, seq, budget)
+        self._admit(out, budget)
+        if not out.prefills:
+            out.decodes = [seq for seq in self.running if not seq.is_prefilling]
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting sequences in arrival order, while the budgets allow (first come first served)."""
         while self.waiting and budget > 0 and self._fits(self.waiting[0]):
             seq = self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.admitted.append(seq)
             budget -= self._chunk(out, seq, budget)
-        return out
 
     def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
         length = min(seq.num_prompt_tokens - seq.num_cached, budget)
