@@ -17,12 +17,12 @@ from pydantic import ValidationError
 from batches.input import InputLine
 from gateway.auth import Principal
 from gateway.errors import describe, validation_message
-from gateway.openai_format import Kind, OpenAIFormat, Outcome
+from gateway.openai_format import OpenAIFormat, Outcome
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.state import GatewayState
 from gateway.submit import ID_PREFIXES, Submission, prepare
 from shared.errors import InvalidRequestError, TokenfleetError
-from shared.job_record import float_field, int_field, str_field
+from shared.job_record import int_field, str_field
 
 OUTPUT = b"o"  # first byte of a stored result: goes to the output file
 ERROR = b"e"  # goes to the error file
@@ -77,9 +77,7 @@ def from_job(custom_id: str, job_id: str, fields: dict[bytes, bytes],
         body = {"error": {"message": message, "type": "server_error", "param": None,
                           "code": "generation_failed"}}
         return ERROR + _line(custom_id, 500, job_id, body), prompt_tokens, completion_tokens
-    kind: Kind = "chat" if str_field(fields, "kind") == "chat" else "completion"
-    fmt = OpenAIFormat(kind=kind, id=job_id, model=str_field(fields, "model") or "",
-                       created=int(float_field(fields, "created_at") or 0))
+    fmt = OpenAIFormat.for_job(job_id, fields)
     outcome = Outcome(text=(text or b"").decode("utf-8", "replace"),
                       finish_reason=str_field(fields, "finish_reason") or "stop",
                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)

@@ -73,7 +73,8 @@ async def respond(gw: GatewayState, submission: Submission, receive: Receive) ->
     fmt = OpenAIFormat(kind=submission.kind, id=request.id, model=request.model,
                        created=int(request.created_at),
                        include_usage=submission.include_usage,
-                       wants_logprobs=request.params.logprobs is not None)
+                       wants_logprobs=request.params.logprobs is not None,
+                       tool_mode=submission.tool_mode)
     mailbox = gw.dispatcher.register(request.id)  # before XADD: no event can be missed
     try:
         await enqueue(gw, submission)

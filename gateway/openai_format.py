@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gateway.logprobs_format import chat_logprobs, completion_logprobs
+from gateway.tools import ToolCallStream, parse_tool_calls
+from shared.job_record import JobRecord
 
 Kind = Literal["chat", "completion"]
 
@@ -40,9 +43,21 @@ class OpenAIFormat:
     created: int
     include_usage: bool = False
     wants_logprobs: bool = False
+    tool_mode: str = ""  # gateway.tools: MODE_HERMES / MODE_JSON parse tool calls; "" none
     _delta_parts: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False,
                                                      compare=False)
     _offset: int = 0  # text completions: characters streamed so far (logprobs' text_offset)
+    _tools: ToolCallStream | None = field(default=None, init=False, repr=False,
+                                          compare=False)  # a stream's tool-call parser
+
+    @classmethod
+    def for_job(cls, job_id: str, fields: Mapping[bytes, bytes], *,
+                include_usage: bool = False) -> OpenAIFormat:
+        """The format of a stored job's answer (replays, job streams, batch lines)."""
+        record = JobRecord.from_hash(fields)
+        return cls(kind="chat" if record.kind == "chat" else "completion", id=job_id,
+                   model=record.model or "", created=int(record.created_at or 0),
+                   include_usage=include_usage, tool_mode=record.tool_mode or "")
 
     def _logprobs(self, entries: list[list[Any]] | None) -> dict[str, Any] | None:
         if not self.wants_logprobs and not entries:
@@ -105,6 +120,43 @@ class OpenAIFormat:
         choice["logprobs"] = None
         return self._chunk([choice])
 
+    # --- streams, with tool calls parsed out of the text when the request has tools --------
+    def content_chunks(self, text: str,
+                       logprobs: list[list[Any]] | None = None) -> list[dict[str, Any]]:
+        """The chunks of one token event (none while text is held back)."""
+        if not self.tool_mode or self.kind != "chat":
+            return [self.delta_chunk(text, logprobs)]
+        if self._tools is None:
+            self._tools = ToolCallStream(self.tool_mode)
+        chunks = self._tool_chunks(self._tools.feed(text))
+        if logprobs:
+            if chunks and "content" in chunks[0]["choices"][0]["delta"]:
+                chunks[0]["choices"][0]["logprobs"] = self._logprobs(logprobs)
+            else:
+                chunks.insert(0, self.delta_chunk("", logprobs))
+        return chunks
+
+    def closing_chunks(self, finish_reason: str) -> list[dict[str, Any]]:
+        """Held-back text or tool calls, then the chunk with the finish reason."""
+        chunks: list[dict[str, Any]] = []
+        if self._tools is not None:
+            chunks = self._tool_chunks(self._tools.finish())
+            if self._tools.num_calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return [*chunks, self.final_chunk(finish_reason)]
+
+    def _tool_chunks(self, parts: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        chunks = []
+        for kind, value in parts:
+            if kind == "content":
+                chunks.append(self.delta_chunk(value))
+                continue
+            assert self._tools is not None
+            call = {"index": self._tools.num_calls - 1, **value}
+            chunks.append(self._chunk([{"index": 0, "delta": {"tool_calls": [call]},
+                                        "logprobs": None, "finish_reason": None}]))
+        return chunks
+
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         chunk = self._chunk([])
         chunk["usage"] = usage(prompt_tokens, completion_tokens)
@@ -112,11 +164,18 @@ class OpenAIFormat:
 
     def response(self, outcome: Outcome) -> dict[str, Any]:
         if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
+            finish_reason = outcome.finish_reason
+            if self.tool_mode:
+                content, calls = parse_tool_calls(outcome.text, self.tool_mode)
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": outcome.text},
+                "message": message,
                 "logprobs": self._logprobs(outcome.logprobs),
-                "finish_reason": outcome.finish_reason,
+                "finish_reason": finish_reason,
             }
             obj = "chat.completion"
         else:

@@ -18,12 +18,12 @@ from gateway.auth import Principal
 from gateway.errors import describe
 from gateway.generation import collect
 from gateway.idempotency import REPLAYED_HEADER, Claim, IdempotentReplay, claim_key
-from gateway.openai_format import Kind, OpenAIFormat
+from gateway.openai_format import OpenAIFormat
 from gateway.reader import job_events
 from gateway.sse import EventStreamResponse, openai_stream
 from gateway.state import GatewayState
 from shared.errors import ConflictError, JobNotFoundError, TokenfleetError
-from shared.job_record import JobField, int_field, str_field
+from shared.job_record import JobField, int_field
 
 Submit = Callable[[Claim | None], Awaitable[Response]]
 Replay = Callable[[str], Awaitable[Response]]
@@ -62,10 +62,7 @@ async def replay_generation(gw: GatewayState, principal: Principal, job_id: str,
                             stream: bool, include_usage: bool) -> Response:
     """The chat or completion response of the bound job (streamed when ``stream``)."""
     fields = await bound_fields(gw, principal, job_id)
-    kind: Kind = "chat" if str_field(fields, JobField.KIND) == "chat" else "completion"
-    created = int(float(str_field(fields, JobField.CREATED_AT) or 0))
-    fmt = OpenAIFormat(kind=kind, id=job_id, model=str_field(fields, JobField.MODEL) or "",
-                       created=created, include_usage=include_usage)
+    fmt = OpenAIFormat.for_job(job_id, fields, include_usage=include_usage)
     prompt_tokens = int_field(fields, JobField.PROMPT_TOKENS) or 0
     events = job_events(gw.redis, gw.keys, job_id)
     if stream:

@@ -39,6 +39,8 @@ class ChatMessage(_Strict):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class GenerationParams(_Strict):
@@ -74,6 +76,10 @@ class GenerationParams(_Strict):
     functions: list[Any] | None = None  # the deprecated form of tools
     function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = Field(default=None, description="extension")
+    guided_regex: str | None = Field(default=None, description="extension")
+    guided_choice: list[str] | None = Field(default=None, description="extension")
+    guided_grammar: str | None = Field(default=None, description="extension (EBNF)")
     user: str | None = None
     lane: Lane | None = Field(default=None, description="extension: queue lane")
     priority: Lane | None = Field(default=None, description="extension: alias of lane")

@@ -194,7 +194,7 @@ def _ending(event: TokenEvent, fmt: OpenAIFormat, prompt_tokens: int) -> list[by
             return [sse_error(event.error or TIMED_OUT_IN_QUEUE, code="queue_timeout",
                               kind="timeout_error"), DONE]
         return [sse_error(event.error or "generation failed"), DONE]
-    parts = [sse_data(fmt.final_chunk(event.finish_reason or "stop"))]
+    parts = [sse_data(chunk) for chunk in fmt.closing_chunks(event.finish_reason or "stop")]
     if fmt.include_usage:
         used_prompt = event.prompt_tokens or prompt_tokens
         parts.append(sse_data(fmt.usage_chunk(used_prompt, event.completion_tokens)))
@@ -208,6 +208,9 @@ def encode_event(event: TokenEvent, fmt: OpenAIFormat, *, request_id: str,
     if event.type == EVENT_TOKEN:
         if not event.text and not event.logprobs:
             return b""
+        if fmt.tool_mode and fmt.kind == "chat":
+            chunks = fmt.content_chunks(event.text, event.logprobs)
+            return _block(event_id, *(sse_data(c) for c in chunks)) if chunks else b""
         if event.logprobs or fmt.wants_logprobs:
             return _block(event_id, sse_data(fmt.delta_chunk(event.text, event.logprobs)))
         return _block(event_id, b"data: " + fmt.delta_json(event.text) + b"\n\n")

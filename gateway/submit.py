@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -21,7 +23,9 @@ from gateway.idempotency import Claim, IdempotentReplay, mismatch
 from gateway.openai_format import Kind
 from gateway.schemas import ChatMessage, GenerationParams
 from gateway.state import GatewayState
+from gateway.structured import guided_spec
 from gateway.tokenize import PromptTokenizer
+from gateway.tools import ToolPlan, plan_tools, with_tool_prompt
 from gateway.validate import (
     chat_messages,
     check_max_tokens_range,
@@ -55,6 +59,7 @@ class Submission:
     is_listed: bool = False  # in the key's job index (GET /v1/jobs): jobs, not chat
     webhook: str | None = None
     webhook_events: str | None = None  # comma-separated filter
+    tool_mode: str = ""  # how the answer's tool calls are parsed (gateway.tools)
 
     @property
     def id(self) -> str:
@@ -72,6 +77,7 @@ class Submission:
             prompt_tokens=self.num_prompt_tokens, max_tokens=request.params.max_tokens,
             gateway=gateway_id, webhook=self.webhook, webhook_events=self.webhook_events,
             idempotency=self.idempotency.key if self.idempotency else None,
+            tool_mode=self.tool_mode or None,
         ).to_mapping()
 
 
@@ -89,12 +95,19 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     stop = stop_sequences(body.stop, settings)
     chat = chat_messages(messages, settings) if messages is not None else None
     text = completion_prompt(prompt) if chat is None else None
+    tools = plan_tools(body.tools, body.tool_choice) if chat is not None else ToolPlan()
+    if chat is None and body.tools:
+        raise InvalidRequestError("tools need a chat request (messages)", param="tools")
 
     model = await gw.catalog.resolve_model(body.model)
     entry = await gw.catalog.model(model)
     kind: Kind = "chat" if chat is not None else "completion"
     param = "messages" if chat is not None else "prompt"
-    token_ids = await encode(entry.tokenizer, chat, text, settings.tokenize_inline_chars)
+    template_tools = tools.tools or None
+    if chat is not None and tools.tools and not entry.tokenizer.knows_tools:
+        chat, template_tools = with_tool_prompt(chat, tools.tools), None
+    token_ids = await encode(entry.tokenizer, chat, text, settings.tokenize_inline_chars,
+                             template_tools)
     if not token_ids:
         raise InvalidRequestError(f"{param} is empty after tokenization", param=param)
     info = entry.info
@@ -103,6 +116,13 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     params = sampling_params(body, max_tokens=max_tokens, stop=stop,
                              vocab_size=info.vocab_size, defaults=info.generation_defaults)
     params.logprobs = logprobs_count(body, is_chat=chat is not None)
+    params.guided_kind, params.guided_value = guided_spec(body)
+    if tools.grammar[0]:
+        if params.guided_kind:
+            raise InvalidRequestError("tool_choice required or a named function already "
+                                      "constrains the output; drop response_format/guided_*",
+                                      param="tool_choice")
+        params.guided_kind, params.guided_value = tools.grammar
     if params.seed is None and not params.is_greedy:
         params.seed = secrets.randbits(63)  # a retry after a worker crash samples the same text
     try:
@@ -129,16 +149,18 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
         deadline=now + timeout_s if timeout_s else None,
     )
     return Submission(request=request, kind=kind, stream=body.stream,
-                      include_usage=body.include_usage)
+                      include_usage=body.include_usage, tool_mode=tools.mode)
 
 
-async def encode(tokenizer: PromptTokenizer, chat: list[dict[str, str]] | None,
-                 text: str | None, inline_chars: int) -> list[int]:
+async def encode(tokenizer: PromptTokenizer, chat: list[dict[str, Any]] | None,
+                 text: str | None, inline_chars: int,
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the prompt; a long one is templated and tokenized in a worker thread, so
     one huge prompt does not stall every other request and stream of this gateway."""
     if chat is not None:
-        size = sum(len(message["content"]) for message in chat)
-        run = functools.partial(tokenizer.encode_chat, chat)
+        size = sum(len(message["content"] or "") for message in chat)
+        size += len(json.dumps(tools)) if tools else 0
+        run = functools.partial(tokenizer.encode_chat, chat, tools)
     else:
         assert text is not None
         size = len(text)

@@ -55,6 +55,7 @@ class PromptTokenizer:
         self._bos_id = self._tokenizer.token_to_id(info.bos_token) if info.bos_token else None
         self._add_bos = info.add_bos_token and self._bos_id is not None
         self._template = None
+        self.knows_tools = "tools" in info.chat_template  # the template renders tools itself
         if info.chat_template:
             try:
                 self._template = _template_env().from_string(info.chat_template)
@@ -67,16 +68,19 @@ class PromptTokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> str:
         if self._template is None:
             raise InvalidRequestError(
                 f"model {self.model!r} has no chat template; use /v1/completions",
                 param="messages",
             )
         try:
+            extra = {"tools": tools} if tools else {}
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=True,
+                **extra,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
             )
@@ -84,9 +88,11 @@ class PromptTokenizer:
             raise InvalidRequestError(f"chat template rejected the messages: {exc}",
                                       param="messages") from exc
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The template writes the special tokens itself (as Hugging Face does).
-        return self._tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids
+        return self._tokenizer.encode(self.render_chat(messages, tools),
+                                      add_special_tokens=False).ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
         ids = self._tokenizer.encode(prompt, add_special_tokens=False).ids

@@ -6,7 +6,9 @@ them run before anything is written to Redis.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from gateway.schemas import MAX_INT32, ChatMessage, CompletionRequest, GenerationParams
 from shared.errors import InvalidRequestError
@@ -23,17 +25,12 @@ def check_supported(body: GenerationParams) -> None:
     if body.n is not None and body.n != 1:
         raise InvalidRequestError("n>1 is not supported" if body.n > 1 else "n must be 1",
                                   param="n")
-    for name in ("tools", "functions"):
-        if getattr(body, name):
-            raise InvalidRequestError(f"{name} are not supported (no function calling)",
-                                      param=name)
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name) not in (None, "none", "auto"):  # "auto" with no tools: none
-            raise InvalidRequestError(f"{name} is not supported (no function calling)",
-                                      param=name)
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidRequestError("response_format other than text is not supported",
-                                  param="response_format")
+    if body.functions:
+        raise InvalidRequestError("functions (deprecated) are not supported; send tools",
+                                  param="functions")
+    if body.function_call not in (None, "none", "auto"):
+        raise InvalidRequestError("function_call (deprecated) is not supported; send "
+                                  "tool_choice", param="function_call")
     if isinstance(body, CompletionRequest):
         if body.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
@@ -87,8 +84,9 @@ def stop_sequences(stop: str | list[str] | None, settings: Settings) -> list[str
     return stops
 
 
-def chat_messages(messages: list[ChatMessage], settings: Settings) -> list[dict[str, str]]:
-    """Messages as the chat template expects them: role and a plain-text content."""
+def chat_messages(messages: list[ChatMessage], settings: Settings) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: role and a plain-text content (with an
+    assistant's ``tool_calls`` and a tool message's ``tool_call_id`` when given)."""
     if not messages:
         raise InvalidRequestError("messages must not be empty", param="messages")
     if len(messages) > settings.max_messages:
@@ -107,14 +105,40 @@ def chat_messages(messages: list[ChatMessage], settings: Settings) -> list[dict[
                         f"got {part.type!r}", param=f"messages[{i}].content")
                 texts.append(part.text)
             content = "".join(texts)
-        item = {"role": _ROLE_FOR_TEMPLATE.get(message.role, message.role),
-                "content": content or ""}
+        item: dict[str, Any] = {"role": _ROLE_FOR_TEMPLATE.get(message.role, message.role),
+                                "content": content or ""}
         if message.name:
             item["name"] = message.name
+        if message.tool_calls:
+            item["tool_calls"] = _tool_calls(message.tool_calls, i)
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
         rendered.append(item)
-    if not any(item["content"] for item in rendered):
+    if not any(item["content"] or item.get("tool_calls") for item in rendered):
         raise InvalidRequestError("messages must contain some text", param="messages")
     return rendered
+
+
+def _tool_calls(calls: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, arguments as objects (as templates use them)."""
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                f"messages[{i}].tool_calls[{j}] needs function.name and function.arguments",
+                param=f"messages[{i}].tool_calls")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise InvalidRequestError(
+                    f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON",
+                    param=f"messages[{i}].tool_calls") from None
+        out.append({"id": call.get("id", ""), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def completion_prompt(prompt: str | list[object] | None) -> str:

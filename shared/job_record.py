@@ -77,6 +77,7 @@ class JobField(StrEnum):
     WEBHOOK = "webhook"  # URL to notify (POST /v1/jobs), absent when none
     WEBHOOK_EVENTS = "webhook_events"  # the events to send, comma-separated ("start,completed")
     IDEMPOTENCY = "idempotency"  # Redis key of its Idempotency-Key binding (purge deletes it)
+    TOOL_MODE = "tool_mode"  # how the answer's tool calls are parsed (gateway.tools); absent
 
 
 def str_field(mapping: Mapping[bytes, bytes], name: str) -> str | None:
@@ -128,6 +129,7 @@ class JobRecord:
     webhook: str | None = None
     webhook_events: str | None = None
     idempotency: str | None = None
+    tool_mode: str | None = None
 
     @classmethod
     def from_hash(cls, mapping: Mapping[bytes, bytes]) -> JobRecord:
@@ -156,6 +158,7 @@ class JobRecord:
             webhook=str_field(mapping, JobField.WEBHOOK) or None,
             webhook_events=str_field(mapping, JobField.WEBHOOK_EVENTS) or None,
             idempotency=str_field(mapping, JobField.IDEMPOTENCY) or None,
+            tool_mode=str_field(mapping, JobField.TOOL_MODE) or None,
         )
 
     def to_mapping(self) -> dict[str, str]:

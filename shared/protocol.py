@@ -52,6 +52,10 @@ class SamplingParams:
     logit_bias: list[list[int | float]] = field(default_factory=list)  # [[token id, bias]]
     min_p: float = 0.0  # keep tokens with probability >= min_p x the top one's (0 = off)
     logprobs: int | None = None  # None: none; k: the sampled token's and the k most likely
+    # structured outputs: "json_schema" (value: the schema as JSON), "json_object",
+    # "regex", "choice" (value: a JSON list of strings), "grammar" (EBNF); "" = none
+    guided_kind: str = ""
+    guided_value: str = ""
 
     @property
     def is_greedy(self) -> bool:
@@ -186,6 +190,8 @@ def _params_from(obj: Any) -> SamplingParams:
         logit_bias=_bias_pairs(obj.get("logit_bias", []), what),
         min_p=_optional_float(obj, "min_p", 0.0, what),
         logprobs=_optional_int(obj, "logprobs", what),
+        guided_kind=_get(obj, "guided_kind", str, what) if "guided_kind" in obj else "",
+        guided_value=_get(obj, "guided_value", str, what) if "guided_value" in obj else "",
     )
     if params.max_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1:
         raise ProtocolError(f"{what}: values out of range: {params}")

@@ -16,7 +16,7 @@ from gateway.deps import GatewayDep, PrincipalDep
 from gateway.idempotency import Claim
 from gateway.job_list import DEFAULT_LIMIT, MAX_LIMIT, list_jobs
 from gateway.jobs import job_view
-from gateway.openai_format import Kind, OpenAIFormat
+from gateway.openai_format import OpenAIFormat
 from gateway.queue_position import estimate_for, job_estimator, retry_after_s, with_queue_updates
 from gateway.reader import QUEUE_TIMEOUT_REASON, has_ended_by, job_events
 from gateway.replay import bound_fields, submit_once
@@ -172,10 +172,7 @@ async def stream_job(job_id: str, gw: GatewayDep, principal: PrincipalDep,
     after_seq = _resume_after(last_event_id)
     if after_seq is not None and await has_ended_by(gw.redis, gw.keys, job_id, after_seq):
         return EventStreamResponse(_one_chunk(f"id: {after_seq}\n".encode() + DONE))
-    kind: Kind = "chat" if str_field(fields, "kind") == "chat" else "completion"
-    created = float(str_field(fields, "created_at") or 0)
-    fmt = OpenAIFormat(kind=kind, id=job_id, model=str_field(fields, "model") or "",
-                       created=int(created), include_usage=True)
+    fmt = OpenAIFormat.for_job(job_id, fields, include_usage=True)
     events = job_events(gw.redis, gw.keys, job_id,
                         after_seq=-1 if after_seq is None else after_seq)
     prompt_tokens = int(str_field(fields, "prompt_tokens") or 0)

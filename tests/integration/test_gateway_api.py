@@ -218,7 +218,11 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400,
      "messages: this field is required"),
     ("n=2", "/v1/chat/completions", {**CHAT, "n": 2}, 400, "n>1 is not supported"),
-    ("logprobs", "/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "not supported"),
+    ("top_logprobs alone", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400,
+     "top_logprobs needs logprobs: true"),
+    ("bad schema", "/v1/chat/completions", {**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, 400,
+     "not a valid JSON Schema"),
     ("several prompts", "/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400,
      "several prompts"),
     ("token prompt", "/v1/completions", {"model": "tiny", "prompt": [1, 2]}, 400,

@@ -131,8 +131,7 @@ async def test_model_must_be_named_when_several_are_served(redis_url: str,
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("n", 2), ("logprobs", True),
+    ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("n", 2),
 ])
 async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: aioredis.Redis,
                                                         field: str, value: object) -> None:

@@ -3,11 +3,14 @@ min_p, logprobs; and the 400s that name what to change."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gateway.openai_format import OpenAIFormat, Outcome
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import encode_event
+from gateway.structured import guided_spec
 from gateway.validate import logprobs_count, sampling_params
 from shared.errors import InvalidRequestError
 from shared.protocol import EVENT_TOKEN, TokenEvent, pack_events, unpack_events
@@ -117,3 +120,37 @@ def test_a_token_event_with_logprobs_but_held_text_is_still_streamed() -> None:
         event, fmt, request_id="c", prompt_tokens=1)
     back = unpack_events(pack_events([event]))[0]
     assert back.logprobs == ENTRIES[:1]
+
+
+def test_structured_output_specs() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert guided_spec(chat()) == ("", "")
+    assert guided_spec(chat(response_format={"type": "text"})) == ("", "")
+    assert guided_spec(chat(response_format={"type": "json_object"})) == ("json_object", "")
+    kind, value = guided_spec(chat(response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}))
+    assert kind == "json_schema" and json.loads(value) == schema
+    assert guided_spec(chat(guided_json=json.dumps(schema)))[0] == "json_schema"
+    assert guided_spec(chat(guided_regex="[a-z]+")) == ("regex", "[a-z]+")
+    assert guided_spec(chat(guided_choice=["a", "b"])) == ("choice", '["a", "b"]')
+
+
+@pytest.mark.parametrize(("fields", "param", "message"), [
+    ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema",
+     "needs a json_schema object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema", "is missing"),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integr"}}}}}},
+     "response_format.json_schema.schema", "not a valid JSON Schema at properties/a/type"),
+    ({"guided_json": "{nope"}, "guided_json", "not valid JSON"),
+    ({"guided_regex": "(unclosed"}, "guided_regex", "not a valid regular expression"),
+    ({"guided_choice": []}, "guided_choice", "non-empty list"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "use only one of"),
+])
+def test_bad_structured_outputs_are_400s_naming_the_problem(
+        fields: dict[str, object], param: str, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=message) as info:
+        guided_spec(chat(**fields))
+    assert info.value.param == param

@@ -79,8 +79,7 @@ def test_chat_messages_flatten_text_parts_and_map_developer() -> None:
 @pytest.mark.parametrize(("fields", "message"), [
     ({"n": 2}, "n>1 is not supported"),
     ({"n": 0}, "n must be 1"),
-    ({"tools": [{"type": "function"}]}, "tools are not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"functions": [{"name": "f"}]}, "functions .deprecated. are not supported"),
 ])
 def test_unsupported_features_are_rejected(fields: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from shared.protocol import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from worker.engine.grammar import GrammarBackend, GrammarError
 from worker.engine.model_runner import ModelRunner, PrefillChunk
 from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.scheduler import (
@@ -40,8 +42,10 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, decoder: TokenDecoder, config: EngineConfig) -> None:
+    def __init__(self, runner: ModelRunner, decoder: TokenDecoder, config: EngineConfig,
+                 grammars: GrammarBackend | None = None) -> None:
         self.runner = runner
+        self.grammars = grammars  # structured outputs; None: requests that need one fail
         self.decoder = decoder
         self.config = config
         self.cache = runner.cache
@@ -74,10 +78,11 @@ class LLMEngine:
         seq = Sequence(request.id, list(request.prompt_token_ids), request.params,
                        request.arrival_time)
         try:
+            seq.matcher = self._matcher(request.params)
             if request.params.seed is not None and not request.params.is_greedy:
                 seq.generator = torch.Generator(device="cpu").manual_seed(request.params.seed)
             self.scheduler.add(seq)
-        except (ValueError, RuntimeError) as exc:
+        except (ValueError, RuntimeError) as exc:  # GrammarError is a ValueError
             self._early.append(RequestOutput(id=request.id, finished=True, finish_reason="error",
                                              error=str(exc),
                                              num_prompt_tokens=seq.num_prompt_tokens))
@@ -138,6 +143,20 @@ class LLMEngine:
         return outputs
 
     # --- internals --------------------------------------------------------------------------
+    def _matcher(self, params: SamplingParams) -> Any:
+        if not params.guided_kind:
+            return None
+        if self.grammars is None:
+            raise GrammarError("structured outputs are not available on this worker "
+                               "(install the worker extra: xgrammar)")
+        return self.grammars.matcher(params.guided_kind, params.guided_value)
+
+    def _masks(self, seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor | None:
+        """The grammar masks of a step's rows; None (no work) when no row has a grammar."""
+        if self.grammars is None or all(s.matcher is None for s in seqs):
+            return None
+        return self.grammars.masks([s.matcher for s in seqs], logits.shape[-1], logits.device)
+
     def _validate(self, request: EngineRequest) -> str | None:
         ids = request.prompt_token_ids
         if not ids:
@@ -210,10 +229,11 @@ class LLMEngine:
             except Exception:
                 log.exception("drawing a random number for request %s failed", seq.id)
                 uniforms.append(None)
+        masks = self._masks(seqs, logits)
         if None not in uniforms:
             try:
                 drawn = [u for u in uniforms if u is not None]
-                tokens, logprobs = self.sampler.sample_with_logprobs(logits, seqs, drawn)
+                tokens, logprobs = self.sampler.sample_with_logprobs(logits, seqs, drawn, masks)
                 return list(zip(seqs, tokens, logprobs, strict=True)), []
             except Exception:
                 log.exception("sampling a batch of %d failed; retrying row by row", len(seqs))
@@ -223,7 +243,8 @@ class LLMEngine:
             try:
                 if uniform is None:
                     raise RuntimeError("could not draw from the request's generator")
-                got, lps = self.sampler.sample_with_logprobs(logits[i:i + 1], [seq], [uniform])
+                got, lps = self.sampler.sample_with_logprobs(
+                    logits[i:i + 1], [seq], [uniform], None if masks is None else masks[i:i + 1])
                 pairs.append((seq, got[0], lps[0]))
             except Exception as exc:
                 log.warning("request %s fails sampling on its own: %r", seq.id, exc)
@@ -250,6 +271,9 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence, token: int,
                      logprobs: TokenLogprobs | None = None) -> RequestOutput:
         seq.append_token(token)
+        if seq.matcher is not None and not seq.matcher.is_terminated() \
+                and not seq.matcher.accept_token(token):
+            raise GrammarError(f"token {token} does not fit the request's grammar")
         detok = self.detoks[seq.id]
         params = seq.params
         is_eos = token in self.eos and not params.ignore_eos

@@ -11,6 +11,7 @@ from shared.model_info import ModelInfo
 from shared.protocol import SamplingParams
 from shared.settings import Settings
 from worker.engine.engine import EngineConfig, LLMEngine
+from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
 from worker.engine.types import EngineRequest
@@ -66,6 +67,23 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
     )
 
 
+def grammar_backend(loaded: LoadedModel, vocab_size: int,
+                    eos: list[int]) -> GrammarBackend | None:
+    """Structured outputs for this tokenizer; None (requests that need them fail with a
+    message saying so) when xgrammar is not installed or cannot read the tokenizer."""
+    try:
+        start = time.perf_counter()
+        backend = GrammarBackend.from_hf_tokenizer(loaded.tokenizer, vocab_size, eos)
+        log.info("structured outputs ready (xgrammar, %.2f s)", time.perf_counter() - start)
+        return backend
+    except ImportError:
+        log.warning("xgrammar is not installed: structured outputs and tool_choice "
+                    "required/named are unavailable")
+    except Exception:
+        log.exception("xgrammar cannot use this tokenizer: structured outputs unavailable")
+    return None
+
+
 def warm_up(engine: LLMEngine) -> float:
     """One short request through prefill and decode, so first users don't pay for it."""
     start = time.perf_counter()
@@ -87,7 +105,8 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
     eos = eos_token_ids(loaded)
-    engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos))
+    engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
+                       grammars=grammar_backend(loaded, runner.vocab_size, eos))
     if on_stage is not None:
         on_stage("weights")
     log.info("warm-up took %.2f s", warm_up(engine))

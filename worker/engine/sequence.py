@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,6 +58,7 @@ class Sequence:
     generator: torch.Generator | None = None
     error: str | None = None
     prompt_mask: torch.Tensor | None = None  # the prompt's tokens (repetition penalty)
+    matcher: Any = None  # structured outputs: the grammar matcher (worker.engine.grammar)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,153 @@
+"""Issue 16 through the real fleet with the official ``openai`` client: structured outputs
+(``chat.completions.parse`` with a pydantic model), logprobs, sampling controls."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.integration.fleet import Fleet, make_fleet
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Fleet]:
+    fleet = make_fleet(tmp_path_factory.mktemp("fleet"), TOKENFLEET_MAX_BATCH_SIZE="16")
+    try:
+        fleet.start_gateway()
+        fleet.start_worker()
+        fleet.wait_ready(num_workers=1)
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture
+def client(fleet: Fleet) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="unused", timeout=120)
+
+
+class Address(BaseModel):
+    city: str
+    country: str
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    hobbies: list[str]
+    address: Address
+
+
+def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    done = client.chat.completions.parse(
+        model=MODEL, max_tokens=120, temperature=0.7, seed=1,
+        messages=[{"role": "user", "content": "Describe a person who lives in Paris."}],
+        response_format=Person)
+    person = done.choices[0].message.parsed
+    assert isinstance(person, Person), done.choices[0].message.content
+
+
+def test_json_object_and_a_streamed_schema_parse(client: openai.OpenAI) -> None:
+    obj = client.chat.completions.create(
+        model=MODEL, max_tokens=80, temperature=0,
+        messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
+        response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "score": {"type": "integer"}},
+              "required": ["answer", "score"], "additionalProperties": False}
+    stream = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "a", "schema": schema, "strict": True}})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    got = json.loads(text)
+    assert got["answer"] in ("yes", "no") and isinstance(got["score"], int)
+
+
+def test_guided_choice_and_a_bad_schema_400(client: openai.OpenAI) -> None:
+    done = client.chat.completions.create(
+        model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "Pick one."}],
+        extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert done.choices[0].message.content in ("red", "green", "blue")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "a", "schema": {"type": "object", "required": "a"}}})
+    assert "not a valid JSON Schema" in str(info.value)
+
+
+def test_chat_logprobs_streamed_and_not(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    done = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                          messages=messages, logprobs=True, top_logprobs=3)
+    content = done.choices[0].logprobs.content
+    assert content and len(content) <= 8
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-4  # greedy: the top one
+    assert "".join(i.token for i in content).strip() != ""
+    stream = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+                                            messages=messages, logprobs=True, top_logprobs=3,
+                                            stream=True)
+    streamed = [i for c in stream if c.choices and c.choices[0].logprobs
+                for i in c.choices[0].logprobs.content]
+    assert [(i.token, round(i.logprob, 3)) for i in streamed] == \
+        [(i.token, round(i.logprob, 3)) for i in content]
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    done = client.completions.create(model=MODEL, prompt="The capital of France is",
+                                     max_tokens=5, temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) <= 5
+    assert all(math.exp(v) <= 1.0 for v in lp.token_logprobs)
+    assert "".join(lp.tokens) == done.choices[0].text
+
+
+def test_penalties_and_logit_bias(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Count: one one one one"}]
+    plain = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
+                                           messages=messages)
+    again = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0,
+                                           messages=messages)
+    assert plain.choices[0].message.content == again.choices[0].message.content
+    penalized = client.chat.completions.create(
+        model=MODEL, max_tokens=12, temperature=0, messages=messages, presence_penalty=2.0,
+        frequency_penalty=2.0, extra_body={"repetition_penalty": 1.3, "min_p": 0.05})
+    assert penalized.usage.completion_tokens > 0
+    first_text = _first_token_text(client, messages)
+    ids = _tokenizer().encode(first_text, add_special_tokens=False)
+    assert len(ids) == 1
+    banned = client.chat.completions.create(
+        model=MODEL, max_tokens=3, temperature=0, messages=messages, logprobs=True,
+        logit_bias={str(ids[0]): -100})
+    assert banned.choices[0].logprobs.content[0].token != first_text
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from shared.settings import Settings
+    from worker.model_store import prepared_dir
+
+    return AutoTokenizer.from_pretrained(prepared_dir(Settings()))
+
+
+def _first_token_text(client: openai.OpenAI, messages: list[dict[str, str]]) -> str:
+    done = client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0,
+                                          messages=messages, logprobs=True)
+    return done.choices[0].logprobs.content[0].token
