@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bench.loadgen import ClosedLoop, Load, OpenLoop, poisson_offsets
 from bench.metrics import RunResult, summarize
@@ -34,6 +34,7 @@ OPEN_LOOP_SECONDS = 30.0  # open loop without --requests/--duration: ~30 s of ar
 log = logging.getLogger("bench")
 
 System = Callable[[Any, Load], RunResult]
+SCHEDULING_POLICIES: tuple[str, ...] = get_args(Settings.model_fields["scheduling"].annotation)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="closed-loop client counts for engine and full (default 1,4,16,32,64)")
     parser.add_argument("--baseline-concurrency", default="32",
                         help="client counts for static and hf-cb (naive runs at 1: it is serial)")
+    parser.add_argument("--scheduling", default="",
+                        help="comma-separated scheduling policies (mixed, phase) to compare in "
+                        "one run: engine and full run once per policy, rows engine[mixed], "
+                        "engine[phase]... (the engine's policies alternate at each load point); "
+                        "default: TOKENFLEET_SCHEDULING only, rows engine and full")
     parser.add_argument("--mode", choices=("closed", "open"), default="closed",
                         help="closed: N clients back to back; open: Poisson arrivals at --rate")
     parser.add_argument("--rate", default="4",
@@ -110,6 +116,11 @@ class Bench:
         self.concurrency = [1, 4] if args.quick else _csv(args.concurrency, int)
         self.baseline_concurrency = [4] if args.quick else _csv(args.baseline_concurrency, int)
         self.rates: list[float] = _csv(args.rate, float) if self.is_open else []
+        self.scheduling = [p.strip() for p in args.scheduling.split(",") if p.strip()]
+        wrong = set(self.scheduling) - set(SCHEDULING_POLICIES)
+        if wrong or len(set(self.scheduling)) != len(self.scheduling):
+            raise SystemExit(f"--scheduling takes distinct policies among "
+                             f"{', '.join(SCHEDULING_POLICIES)}; got {args.scheduling!r}")
         self.runs: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {"system_notes": {}}
 
@@ -123,6 +134,13 @@ class Bench:
         if system in ("static", "hf-cb"):
             return [(c, None) for c in self.baseline_concurrency]
         return [(c, None) for c in self.concurrency]
+
+    def policy_rows(self, system: str) -> list[tuple[str, str | None]]:
+        """(row name, policy) per run of ``engine`` or ``full``: one per ``--scheduling``
+        policy (``engine[phase]``), or the settings' policy alone (``engine``, policy None)."""
+        if not self.scheduling:
+            return [(system, None)]
+        return [(f"{system}[{policy}]", policy) for policy in self.scheduling]
 
     def load(self, clients: int | None, rate: float | None) -> Load:
         args = self.args
@@ -182,8 +200,10 @@ class Bench:
         flops = inprocess.matmul_flops(loaded.dtype, loaded.device)
         self.meta.update(dtype=dtype, parameters=bundle.num_parameters, matmul_dtype=dtype,
                          matmul_gflops=round(flops / 1e9, 1))
+        if "engine" in self.systems:
+            self.run_engine_policies(bundle)
         plan: list[tuple[str, System]] = [
-            ("engine", inprocess.run_engine), ("naive", baselines.run_naive),
+            ("naive", baselines.run_naive),
             ("static", baselines.run_static),
             ("hf-cb", baselines.run_hf_continuous)]  # last: it switches attention kernels
         for system, fn in plan:
@@ -195,6 +215,25 @@ class Bench:
                 except Exception as exc:  # report, don't hide: a system that cannot run here
                     self.failed(system, point, exc)
         del bundle
+
+    def run_engine_policies(self, bundle: Any) -> None:
+        """The in-process engine under each policy, the policies interleaved at each load
+        point (their order alternating), so a slow drift of the machine's load falls on
+        all of them alike; every policy gets the same requests (seeded loads)."""
+        from bench import inprocess
+
+        rows = self.policy_rows("engine")
+        for system, policy in rows:
+            if policy is not None:
+                self.describe(system, f"the engine in-process with TOKENFLEET_SCHEDULING="
+                              f"{policy}; policies alternate at each load point")
+        for i, point in enumerate(self.points("engine")):
+            for system, policy in rows if i % 2 == 0 else rows[::-1]:
+                try:
+                    result = inprocess.run_engine(bundle, self.load(*point), policy)
+                    self.record(system, point, result)
+                except Exception as exc:
+                    self.failed(system, point, exc)
 
     def run_fleet(self, system: str, env: dict[str, str], points: list[tuple[int | None,
                   float | None]], loads: Callable[[int | None, float | None], Load],
@@ -227,6 +266,16 @@ class Bench:
                     self.failed(system, point, exc)
         finally:
             fleet.__exit__(None, None, None)
+
+    def run_full(self) -> None:
+        """The full path, once per scheduling policy (a fleet each, the workers' policy set
+        through ``TOKENFLEET_SCHEDULING``)."""
+        for system, policy in self.policy_rows("full"):
+            if policy is not None:
+                self.describe(system, f"gateway + Redis + worker with TOKENFLEET_SCHEDULING="
+                              f"{policy}")
+            env = {} if policy is None else {"TOKENFLEET_SCHEDULING": policy}
+            self.run_fleet(system, env, self.points("full"), self.load, self.args.http_client)
 
     def run_bus(self) -> None:
         clients = 4 if self.args.quick else self.args.bus_concurrency
@@ -272,7 +321,7 @@ class Bench:
         if {"naive", "static", "hf-cb", "engine"} & set(self.systems):
             self.run_inprocess()
         if "full" in self.systems:
-            self.run_fleet("full", {}, self.points("full"), self.load, self.args.http_client)
+            self.run_full()
         if "bus" in self.systems:
             self.run_bus()
         if "batch" in self.systems:
@@ -299,7 +348,7 @@ def bus_system(gateway_processes: int) -> str:
 def _settings_summary(settings: Settings) -> dict[str, Any]:
     """The knobs that shape the engine's and the fleet's speed."""
     keys = ("dtype", "quantization", "device", "torch_threads", "max_batch_size",
-            "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms")
+            "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms", "scheduling")
     return {key: getattr(settings, key) for key in keys}
 
 

@@ -9,7 +9,7 @@ arrivals). ``bench.baselines`` holds the systems tokenfleet is compared with.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from worker.engine.engine import LLMEngine
 from worker.engine.factory import engine_config, eos_token_ids, warm_up
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
+from worker.engine.scheduler import SchedulingPolicy
 from worker.engine.types import EngineRequest
 
 
@@ -33,6 +34,17 @@ class Bundle:
     loaded: LoadedModel
     prompt_ids: dict[str, list[int]]
     engine: LLMEngine
+    engines: dict[str, LLMEngine] = field(default_factory=dict)  # per scheduling policy
+
+    def engine_for(self, policy: SchedulingPolicy | None) -> LLMEngine:
+        """The engine with that scheduling policy (None: the settings' one), over the same
+        warmed-up model runner (one engine steps at a time, so they share its cache)."""
+        if policy is None or policy == self.engine.config.scheduling:
+            return self.engine
+        if policy not in self.engines:
+            config = replace(self.engine.config, scheduling=policy)
+            self.engines[policy] = LLMEngine(self.engine.runner, self.engine.decoder, config)
+        return self.engines[policy]
 
     @property
     def num_parameters(self) -> int:
@@ -68,10 +80,12 @@ def greedy_exact(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def run_engine(bundle: Bundle, load: Load) -> RunResult:
+def run_engine(bundle: Bundle, load: Load, policy: SchedulingPolicy | None = None,
+               ) -> RunResult:
     """Drive ``LLMEngine`` with ``add_request``/``step``. The mean batch is the running count
-    averaged over the steps (the rows that finished in a step count as running in it)."""
-    engine = bundle.engine
+    averaged over the steps (the rows that finished in a step count as running in it).
+    ``policy``: the scheduling policy (None: the settings' one)."""
+    engine = bundle.engine_for(policy)
     records: dict[str, RequestRecord] = {}
     batch_sizes: list[int] = []
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import capability_text
-from bench.plot import plot
+from bench.plot import plot, plot_policies
 
 COLUMNS = [
     ("system", "system"), ("concurrency", "conc."), ("output_tokens_per_s", "out tok/s"),
@@ -114,13 +114,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out_dir: Path, append_to: Path | None) -> Path:
-    """``<out>/bench-<time>.json``, ``.md`` and ``.png``; the Markdown appended to
-    ``append_to`` too when given. Returns the JSON's path."""
+    """``<out>/bench-<time>.json``, ``.md`` and ``.png`` (and ``-scheduling.png`` when the
+    run compared scheduling policies); the Markdown appended to ``append_to`` too when
+    given. Returns the JSON's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = result["meta"]["date"].replace(":", "").replace(" ", "T")
     path = out_dir / f"bench-{stamp}.json"
     png = out_dir / f"bench-{stamp}.png"
     result["meta"]["plot"] = str(png) if plot(result, png) else None
+    policies_png = out_dir / f"bench-{stamp}-scheduling.png"
+    result["meta"]["scheduling_plot"] = (str(policies_png) if plot_policies(result, policies_png)
+                                         else None)
     path.write_text(json.dumps(result, indent=2))
     (out_dir / f"bench-{stamp}.md").write_text(markdown(result))
     if append_to is not None:

@@ -136,3 +136,77 @@ def test_cpu_of_a_process_tree_counts_its_children() -> None:
             os.kill(kid, signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+def test_scheduling_names_one_row_per_policy_and_refuses_unknown_ones() -> None:
+    assert _bench().policy_rows("engine") == [("engine", None)]
+    both = _bench("--scheduling", "mixed, phase")
+    assert both.policy_rows("engine") == [("engine[mixed]", "mixed"), ("engine[phase]", "phase")]
+    assert both.policy_rows("full") == [("full[mixed]", "mixed"), ("full[phase]", "phase")]
+    for wrong in ("mixed,fifo", "phase,phase"):
+        with pytest.raises(SystemExit, match="--scheduling"):
+            _bench("--scheduling", wrong)
+
+
+def test_engine_policies_alternate_at_each_point_on_the_same_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import inprocess
+    from bench.metrics import RequestRecord, RunResult
+
+    calls: list[tuple[str | None, int, list[int]]] = []
+
+    def fake_run(bundle: object, load: ClosedLoop, policy: str | None = None) -> RunResult:
+        calls.append((policy, load.num_clients,
+                      [r.max_tokens for q in load.per_client for r in q]))
+        return RunResult([RequestRecord(0.0, 2, 0.1, 0.2, [0.1, 0.2])], 1.0)
+
+    monkeypatch.setattr(inprocess, "run_engine", fake_run)
+    bench = _bench("--scheduling", "mixed,phase", "--concurrency", "2,4,8")
+    bench.run_engine_policies(bundle=None)
+    assert [(p, n) for p, n, _ in calls] == [("mixed", 2), ("phase", 2), ("phase", 4),
+                                             ("mixed", 4), ("mixed", 8), ("phase", 8)]
+    assert calls[0][2] == calls[1][2] and calls[2][2] == calls[3][2]  # the same requests
+    assert [(r["system"], r["concurrency"]) for r in bench.runs][:2] == [
+        ("engine[mixed]", 2), ("engine[phase]", 2)]
+    assert "TOKENFLEET_SCHEDULING=phase" in bench.meta["system_notes"]["engine[phase]"]
+
+
+def test_full_runs_one_fleet_per_policy_with_its_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fleets: list[tuple[str, dict[str, str]]] = []
+    bench = _bench("--scheduling", "phase,mixed", "--systems", "full")
+    monkeypatch.setattr(bench, "run_fleet", lambda system, env, *a, **k: fleets.append(
+        (system, env)))
+    bench.run_full()
+    assert fleets == [("full[phase]", {"TOKENFLEET_SCHEDULING": "phase"}),
+                      ("full[mixed]", {"TOKENFLEET_SCHEDULING": "mixed"})]
+    plain: list[tuple[str, dict[str, str]]] = []
+    default = _bench("--systems", "full")
+    monkeypatch.setattr(default, "run_fleet", lambda system, env, *a, **k: plain.append(
+        (system, env)))
+    default.run_full()
+    assert plain == [("full", {})]
+
+
+def test_run_engine_drives_the_engine_of_the_policy_asked_for() -> None:
+    import torch
+
+    from bench.inprocess import Bundle, run_engine
+    from bench.workload import PROMPTS, make_requests
+    from tests.unit.tiny_model import tiny_engine, tiny_llama
+
+    bundle = Bundle(loaded=None, prompt_ids={p: [1, 5 + i, 7, 9 + i]  # type: ignore[arg-type]
+                                             for i, p in enumerate(PROMPTS)},
+                    engine=tiny_engine(tiny_llama(torch.float32)))
+    assert bundle.engine_for(None) is bundle.engine is bundle.engine_for("mixed")
+    phase = bundle.engine_for("phase")
+    assert phase is bundle.engine_for("phase") and phase.runner is bundle.engine.runner
+    assert phase.scheduler.config.policy == "phase"
+    counts = {}
+    for policy in ("mixed", "phase"):
+        load = ClosedLoop(cli.split_among_clients(make_requests("mixed", 6, 8), 3))
+        result = run_engine(bundle, load, policy)  # type: ignore[arg-type]
+        counts[policy] = sorted(r.output_tokens for r in result.records)
+        assert all(r.error is None and r.first_token for r in result.records)
+    assert counts["mixed"] == counts["phase"] == sorted(
+        r.max_tokens for r in make_requests("mixed", 6, 8))

@@ -113,3 +113,15 @@ def test_write_without_append_leaves_the_doc_alone(tmp_path: Path) -> None:
     write(_result([_row("engine", 1, 10.0)]), tmp_path, None)
     assert sorted(p.suffix for p in tmp_path.iterdir()) in ([".json", ".md", ".png"],
                                                            [".json", ".md"])
+
+
+def test_a_policy_comparison_gets_its_own_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = [_row(f"engine[{p}]", c, 10.0 * c, ttft_p50_ms=50.0, itl_p50_ms=20.0,
+                 itl_p99_ms=90.0) for p in ("mixed", "phase") for c in (16, 32)]
+    data = json.loads(write(_result(runs), tmp_path / "a", None).read_text())
+    assert data["meta"]["plot"] and data["meta"]["scheduling_plot"]
+    assert Path(data["meta"]["scheduling_plot"]).stat().st_size > 1000
+    plain = json.loads(write(_result([_row("engine", 1, 10.0)]), tmp_path / "b", None)
+                       .read_text())
+    assert plain["meta"]["scheduling_plot"] is None
