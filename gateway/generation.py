@@ -74,7 +74,7 @@ async def respond(gw: GatewayState, submission: Submission, receive: Receive) ->
                        created=int(request.created_at),
                        include_usage=submission.include_usage,
                        wants_logprobs=request.params.logprobs is not None,
-                       tool_mode=submission.tool_mode)
+                       tool_mode=submission.tool_mode, echo=submission.echo)
     mailbox = gw.dispatcher.register(request.id)  # before XADD: no event can be missed
     try:
         await enqueue(gw, submission)

@@ -44,6 +44,7 @@ class OpenAIFormat:
     include_usage: bool = False
     wants_logprobs: bool = False
     tool_mode: str = ""  # gateway.tools: MODE_HERMES / MODE_JSON parse tool calls; "" none
+    echo: str = ""  # text completions with echo: the prompt, before the completion
     _delta_parts: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False,
                                                      compare=False)
     _offset: int = 0  # text completions: characters streamed so far (logprobs' text_offset)
@@ -57,7 +58,8 @@ class OpenAIFormat:
         record = JobRecord.from_hash(fields)
         return cls(kind="chat" if record.kind == "chat" else "completion", id=job_id,
                    model=record.model or "", created=int(record.created_at or 0),
-                   include_usage=include_usage, tool_mode=record.tool_mode or "")
+                   include_usage=include_usage, tool_mode=record.tool_mode or "",
+                   echo=record.echo or "")
 
     def _logprobs(self, entries: list[list[Any]] | None) -> dict[str, Any] | None:
         if not self.wants_logprobs and not entries:
@@ -90,9 +92,10 @@ class OpenAIFormat:
         return choice
 
     def role_chunk(self) -> dict[str, Any] | None:
-        """Chat streams open with the assistant role; completions have no such chunk."""
+        """Chat streams open with the assistant role; completions have no such chunk, unless
+        they echo the prompt (then it is their first chunk)."""
         if self.kind != "chat":
-            return None
+            return self.delta_chunk(self.echo) if self.echo else None
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
         return self._chunk([choice])
@@ -179,7 +182,7 @@ class OpenAIFormat:
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": outcome.text,
+            choice = {"index": 0, "text": self.echo + outcome.text,
                       "logprobs": self._logprobs(outcome.logprobs),
                       "finish_reason": outcome.finish_reason}
             obj = "text_completion"

@@ -60,6 +60,7 @@ class Submission:
     webhook: str | None = None
     webhook_events: str | None = None  # comma-separated filter
     tool_mode: str = ""  # how the answer's tool calls are parsed (gateway.tools)
+    echo: str = ""  # completions with echo: the prompt, shown before the completion
 
     @property
     def id(self) -> str:
@@ -77,7 +78,7 @@ class Submission:
             prompt_tokens=self.num_prompt_tokens, max_tokens=request.params.max_tokens,
             gateway=gateway_id, webhook=self.webhook, webhook_events=self.webhook_events,
             idempotency=self.idempotency.key if self.idempotency else None,
-            tool_mode=self.tool_mode or None,
+            tool_mode=self.tool_mode or None, echo=self.echo or None,
         ).to_mapping()
 
 
@@ -149,7 +150,8 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
         deadline=now + timeout_s if timeout_s else None,
     )
     return Submission(request=request, kind=kind, stream=body.stream,
-                      include_usage=body.include_usage, tool_mode=tools.mode)
+                      include_usage=body.include_usage, tool_mode=tools.mode,
+                      echo=text if text is not None and getattr(body, "echo", False) else "")
 
 
 async def encode(tokenizer: PromptTokenizer, chat: list[dict[str, Any]] | None,

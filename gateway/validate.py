@@ -32,8 +32,9 @@ def check_supported(body: GenerationParams) -> None:
         raise InvalidRequestError("function_call (deprecated) is not supported; send "
                                   "tool_choice", param="function_call")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if body.echo and body.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (no prompt "
+                                      "logprobs); drop one of them", param="echo")
         if body.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != 1:

@@ -78,6 +78,7 @@ class JobField(StrEnum):
     WEBHOOK_EVENTS = "webhook_events"  # the events to send, comma-separated ("start,completed")
     IDEMPOTENCY = "idempotency"  # Redis key of its Idempotency-Key binding (purge deletes it)
     TOOL_MODE = "tool_mode"  # how the answer's tool calls are parsed (gateway.tools); absent
+    ECHO = "echo"  # completions with echo: the prompt text shown before the answer; absent
 
 
 def str_field(mapping: Mapping[bytes, bytes], name: str) -> str | None:
@@ -130,6 +131,7 @@ class JobRecord:
     webhook_events: str | None = None
     idempotency: str | None = None
     tool_mode: str | None = None
+    echo: str | None = None
 
     @classmethod
     def from_hash(cls, mapping: Mapping[bytes, bytes]) -> JobRecord:
@@ -159,6 +161,7 @@ class JobRecord:
             webhook_events=str_field(mapping, JobField.WEBHOOK_EVENTS) or None,
             idempotency=str_field(mapping, JobField.IDEMPOTENCY) or None,
             tool_mode=str_field(mapping, JobField.TOOL_MODE) or None,
+            echo=str_field(mapping, JobField.ECHO) or None,
         )
 
     def to_mapping(self) -> dict[str, str]:

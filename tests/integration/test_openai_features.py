@@ -1,5 +1,6 @@
 """Issue 16 through the real fleet with the official ``openai`` client: structured outputs
-(``chat.completions.parse`` with a pydantic model), logprobs, sampling controls."""
+(``chat.completions.parse`` with a pydantic model), a tool call round trip, logprobs,
+sampling controls and echo."""
 
 from __future__ import annotations
 
@@ -33,24 +34,24 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterat
 
 @pytest.fixture
 def client(fleet: Fleet) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="unused", timeout=120)
+    return openai.OpenAI(base_url=f"{fleet.url}/v1", api_key="unused", timeout=300,
+                         max_retries=0)
 
 
 class Address(BaseModel):
     city: str
-    country: str
+    zip_code: int
 
 
 class Person(BaseModel):
     name: str
     age: int
-    hobbies: list[str]
     address: Address
 
 
 def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
     done = client.chat.completions.parse(
-        model=MODEL, max_tokens=120, temperature=0.7, seed=1,
+        model=MODEL, max_tokens=60, temperature=0.7, seed=1,
         messages=[{"role": "user", "content": "Describe a person who lives in Paris."}],
         response_format=Person)
     person = done.choices[0].message.parsed
@@ -59,7 +60,7 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
 
 def test_json_object_and_a_streamed_schema_parse(client: openai.OpenAI) -> None:
     obj = client.chat.completions.create(
-        model=MODEL, max_tokens=80, temperature=0,
+        model=MODEL, max_tokens=30, temperature=0,
         messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
         response_format={"type": "json_object"})
     if obj.choices[0].finish_reason == "stop":
@@ -151,3 +152,57 @@ def _first_token_text(client: openai.OpenAI, messages: list[dict[str, str]]) -> 
     done = client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0,
                                           messages=messages, logprobs=True)
     return done.choices[0].logprobs.content[0].token
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+
+
+def test_tool_call_round_trip(client: openai.OpenAI) -> None:
+    messages: list[dict[str, object]] = [
+        {"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(model=MODEL, max_tokens=40, temperature=0,
+                                           messages=messages, tools=[WEATHER],
+                                           tool_choice="required")
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "22 C and sunny"})
+    final = client.chat.completions.create(model=MODEL, max_tokens=30, temperature=0,
+                                           messages=messages, tools=[WEATHER])
+    answer = final.choices[0].message
+    assert answer.content or answer.tool_calls
+
+
+def test_named_tool_call_streams_as_deltas(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, max_tokens=40, temperature=0, stream=True, tools=[WEATHER],
+        messages=[{"role": "user", "content": "Weather in Rome?"}],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        for delta in chunk.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(delta.index, {"name": "", "arguments": ""})
+            entry["name"] += delta.function.name or ""
+            entry["arguments"] += delta.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls[0]["name"] == "get_weather"
+    assert "city" in json.loads(calls[0]["arguments"])
+
+
+def test_completion_echo(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+                                     echo=True)
+    assert done.choices[0].text.startswith(prompt) and len(done.choices[0].text) > len(prompt)
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                       temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == done.choices[0].text

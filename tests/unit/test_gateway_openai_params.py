@@ -154,3 +154,14 @@ def test_bad_structured_outputs_are_400s_naming_the_problem(
     with pytest.raises(InvalidRequestError, match=message) as info:
         guided_spec(chat(**fields))
     assert info.value.param == param
+
+
+def test_echo_puts_the_prompt_before_the_completion_whole_and_streamed() -> None:
+    fmt = OpenAIFormat(kind="completion", id="c", model="m", created=0, echo="Once upon")
+    assert fmt.response(Outcome(" a time", "length", 2, 2))["choices"][0]["text"] == \
+        "Once upon a time"
+    first = fmt.role_chunk()
+    assert first is not None and first["choices"][0]["text"] == "Once upon"
+    assert OpenAIFormat(kind="completion", id="c", model="m", created=0).role_chunk() is None
+    record = {b"kind": b"completion", b"model": b"m", b"echo": b"Once upon"}
+    assert OpenAIFormat.for_job("c", record).echo == "Once upon"

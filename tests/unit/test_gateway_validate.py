@@ -89,7 +89,10 @@ def test_unsupported_features_are_rejected(fields: dict[str, object], message: s
 def test_supported_defaults_pass() -> None:
     check_supported(chat(n=1, logprobs=False, presence_penalty=0, response_format={"type": "text"}))
     body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True})
-    with pytest.raises(InvalidRequestError, match="echo"):
+    check_supported(body)
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "x", "echo": True,
+                                             "logprobs": 1})
+    with pytest.raises(InvalidRequestError, match="echo with logprobs"):
         check_supported(body)
 
 

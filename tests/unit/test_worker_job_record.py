@@ -30,7 +30,7 @@ def test_record_round_trips_through_the_hash() -> None:
                        completion_tokens=4, max_tokens=5, finish_reason="stop", error="e",
                        worker="w", attempt=2, queue_seq=7, webhook="https://example.com/h",
                        webhook_events="start,completed", idempotency="tf:idem::d",
-                       tool_mode="hermes")
+                       tool_mode="hermes", echo="Once upon")
     mapping = record.to_mapping()
     assert set(mapping) == {field.value for field in JobField}
     assert JobRecord.from_hash({k.encode(): v.encode() for k, v in mapping.items()}) == record
