@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
+from bench.features import DEFAULT_FEATURES, FEATURE_SETS
 from bench.loadgen import ClosedLoop, Load, OpenLoop, poisson_offsets
 from bench.metrics import RunResult, summarize
 from bench.workload import MIXED_MAX_TOKENS, WORKLOADS, make_requests, split_among_clients
@@ -26,7 +27,8 @@ from shared.settings import Settings
 
 DEFAULT_SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
 BATCH_SYSTEMS = ("batch", "batch-rss")  # offline batches (bench/batch_bench.py); not default
-SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS
+FEATURE_SYSTEMS = ("features",)  # OpenAI features' cost (bench/features.py); not default
+SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS + FEATURE_SYSTEMS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 QUICK_MAX_TOKENS = 8
 MIN_REQUESTS = 8  # per closed-loop point: at least one whole max_tokens cycle
@@ -40,7 +42,13 @@ SCHEDULING_POLICIES: tuple[str, ...] = get_args(Settings.model_fields["schedulin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (default: "
-                        "all but " + ", ".join(BATCH_SYSTEMS) + ")")
+                        "all but " + ", ".join(BATCH_SYSTEMS + FEATURE_SYSTEMS) + ")")
+    parser.add_argument("--features", default=DEFAULT_FEATURES,
+                        help="the features system: comma-separated feature sets, each run "
+                        "on every request (" + ", ".join(FEATURE_SETS) + "); none is always "
+                        "run as the reference")
+    parser.add_argument("--features-concurrency", type=int, default=32, metavar="N",
+                        help="clients of the features system")
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
     parser.add_argument("--concurrency", default="1,4,16,32,64",
                         help="closed-loop client counts for engine and full (default 1,4,16,32,64)")
@@ -330,6 +338,9 @@ class Bench:
         if "batch-rss" in self.systems:
             from bench.batch_bench import run_batch_rss
             run_batch_rss(self)
+        if "features" in self.systems:
+            from bench.features import run_features
+            run_features(self)
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)

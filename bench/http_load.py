@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import httpx
@@ -44,11 +44,13 @@ HTTP_CLIENTS = ("httpx", "raw")
 Lines = Callable[[dict[str, Any]], AsyncIterator[str]]
 
 
-def chat_body(model: str, request: BenchRequest) -> dict[str, Any]:
-    """A streamed, greedy chat completion of exactly ``max_tokens`` tokens."""
+def chat_body(model: str, request: BenchRequest,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A streamed, greedy chat completion of exactly ``max_tokens`` tokens (``extra``:
+    more request fields, e.g. ``bench.features``)."""
     return {"model": model, "messages": request.messages, "max_tokens": request.max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
 
 
 def httpx_lines(client: httpx.AsyncClient) -> Lines:
@@ -67,12 +69,13 @@ def raw_lines(client: RawClient) -> Lines:
     return lines
 
 
-async def _one(lines: Lines, model: str, sub: Submission) -> RequestRecord:
+async def _one(lines: Lines, model: str, sub: Submission,
+               extra: Mapping[str, Any] | None = None) -> RequestRecord:
     """Send one request, read its whole stream; TTFT = first content chunk, one
     ``token_times`` entry per content chunk."""
     rec = RequestRecord(submitted=sub.submitted, client=sub.client)
     try:
-        async with contextlib.aclosing(lines(chat_body(model, sub.request))) as stream:
+        async with contextlib.aclosing(lines(chat_body(model, sub.request, extra))) as stream:
             async for line in stream:  # read to the end: the connection can be reused
                 _, chunk = parse_sse_line(line)
                 if chunk is None:
@@ -111,7 +114,8 @@ async def _sample_batch(redis_url: str, prefix: str, stop: asyncio.Event,
 
 
 async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | None = None,
-                   prefix: str = "tf", http_client: str = "httpx") -> RunResult:
+                   prefix: str = "tf", http_client: str = "httpx",
+                   extra_body: Mapping[str, Any] | None = None) -> RunResult:
     """Streaming chat clients driven by ``load`` (closed or open loop), all on one client
     with a large connection pool: ``httpx.AsyncClient``, or the leaner ``RawClient``. With
     ``redis_url``, the mean running batch is sampled from the workers' heartbeats."""
@@ -127,11 +131,11 @@ async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | No
                 base_url=base_url, timeout=httpx.Timeout(600, connect=10),
                 limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024)))
             lines = httpx_lines(client)
-        return await _drive(lines, model, load, redis_url, prefix)
+        return await _drive(lines, model, load, redis_url, prefix, extra_body)
 
 
 async def _drive(lines: Lines, model: str, load: Load, redis_url: str | None,
-                 prefix: str) -> RunResult:
+                 prefix: str, extra: Mapping[str, Any] | None = None) -> RunResult:
     samples: list[int] = []
     stop = asyncio.Event()
     records: list[RequestRecord] = []
@@ -139,7 +143,7 @@ async def _drive(lines: Lines, model: str, load: Load, redis_url: str | None,
 
     async def serve(sub: Submission) -> None:
         try:
-            rec = await _one(lines, model, sub)
+            rec = await _one(lines, model, sub, extra)
         except Exception as exc:  # anything unforeseen: count it, keep the client going
             rec = RequestRecord(sub.submitted, client=sub.client, finished=time.perf_counter(),
                                 error=f"{type(exc).__name__}: {exc}")

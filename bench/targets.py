@@ -71,6 +71,13 @@ def compute_targets(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[di
     during = _find(runs, "interactive+batch", None, "ttft_p99_ms")
     slowdown = _ratio(during, idle)
     rows.append(("interactive TTFT p99 during a batch / idle", slowdown, slowdown, "<= 2x", 2.0))
+    for feature, goal, threshold in (("json_schema", ">= 0.85", 0.85),
+                                     ("penalties", ">= 0.95", 0.95)):
+        steady, whole = (_ratio(_find(runs, f"features:{feature}", None, key),
+                                _find(runs, "features:none", None, key))
+                         for key in ("steady_tokens_per_s", "output_tokens_per_s"))
+        rows.append((f"tok/s with {feature} on every request / none", steady, whole, goal,
+                     threshold))
     return [{"name": n, "value": v, "whole_run": w, "goal": g,
              "met": None if v is None else (v <= t if g.startswith("<=") else v >= t)}
             for n, v, w, g, t in rows]
