@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -368,9 +369,16 @@ def _bench_args(argv: list[str]) -> list[str]:
     return argv[argv.index("bench") + 1:] if "bench" in argv else argv[1:]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from bench.report import markdown, write
 
+    # SIGTERM unwinds like Ctrl-C, so every fleet's ``finally`` stops its processes (a
+    # killed bench must not leave a worker draining its requests for minutes).
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     result = Bench(args, settings).run()
     path = write(result, args.out, None if args.no_append else DOCS)
