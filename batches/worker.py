@@ -33,6 +33,7 @@ from batches.queue import RUN_BATCH, arq_redis, deserialize, enqueue_batch, seri
 from batches.queue import job_id as arq_job_id
 from batches.store import FAILED, FINAL_STATUSES
 from gateway.state import GatewayState
+from gateway.tasks import cancel_and_wait, failure
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -92,10 +93,10 @@ async def run_batch(ctx: dict[str, Any], batch_id: str) -> str:
 class LeaseHeartbeat:
     """Refreshes a slice's lease every ``interval_s`` until ``stop()``.
 
-    It stops on a flag, not on cancellation alone: a cancel that lands while a refresh's
-    reply is arriving can be swallowed inside the Redis client's read timeout (Python 3.11's
-    ``wait_for``), and a heartbeat that only listened for cancellation would then keep the
-    lease (and arq's in-progress key) alive for ever, with its batch stalled (seen in a
+    It stops on a flag and is cancelled until it is done (``gateway.tasks``): a cancel that
+    lands while a refresh's reply arrives can be swallowed inside the Redis client's read
+    timeout (Python 3.11's ``wait_for``), and a heartbeat stopped by one cancel alone then
+    keeps the lease (and arq's in-progress key) alive for ever, its batch stalled (seen in a
     2,000-line benchmark batch after about 70 slices).
     """
 
@@ -118,12 +119,8 @@ class LeaseHeartbeat:
     async def stop(self) -> None:
         """Stop refreshing; returns within one refresh's time even if a cancel is lost."""
         self._stopping.set()
-        self._task.cancel()
-        done, _ = await asyncio.wait({self._task}, timeout=self.interval_s + 5.0)
-        for task in done:
-            if not task.cancelled():
-                with contextlib.suppress(Exception):
-                    task.result()
+        if await cancel_and_wait(self._task, self.interval_s + 5.0):
+            failure(self._task)  # a refresh's Redis error: the lease just expires
 
 
 async def _failed_slice(gw: GatewayState, batch_id: str, lease: Lease, exc: Exception) -> str:
