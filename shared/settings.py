@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     max_waiting: int = 16  # requests a worker holds locally beyond the running batch
     # mixed: prompt chunks beside every step's decodes; phase: prefill-only or decode-only steps
     scheduling: Literal["mixed", "phase"] = "mixed"
+    prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
 
     # --- Request limits ----------------------------------------------------------------
     default_max_tokens: int = 256
@@ -127,6 +128,8 @@ class Settings(BaseSettings):
             raise ValueError("TOKENFLEET_RATE_LIMIT_RPM and _TPM must be >= 0 (0: unlimited)")
         if not 1 <= self.events_ttl_s <= self.job_ttl_s:
             raise ValueError("TOKENFLEET_EVENTS_TTL_S must be >= 1 and <= TOKENFLEET_JOB_TTL_S")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("TOKENFLEET_PREFIX_CACHE_TOKENS must be >= 0 (0: no prefix cache)")
         if self.max_batch_tokens < self.max_prefill_tokens:
             raise ValueError(
                 "TOKENFLEET_MAX_BATCH_TOKENS must be >= TOKENFLEET_MAX_PREFILL_TOKENS")

@@ -39,6 +39,10 @@ class WorkerStatus:
     num_waiting: int = 0
     kv_tokens_used: int = 0  # KV-cache tokens the engine holds now
     kv_tokens_budget: int = 0  # its budget (TOKENFLEET_MAX_BATCH_TOKENS)
+    prefix_cache_hits: int = 0  # requests that reused a cached prompt prefix (cumulative)
+    prefix_cache_misses: int = 0  # requests that found none (cumulative)
+    prefix_cache_hit_tokens: int = 0  # prompt tokens copied instead of prefilled (cumulative)
+    prefix_cache_tokens: int = 0  # tokens the prefix pool holds now
     started_at: float = field(default_factory=time.time)
 
     def update(self, stats: EngineStats) -> None:
@@ -47,6 +51,10 @@ class WorkerStatus:
         self.num_waiting = stats.num_waiting
         self.kv_tokens_used = stats.kv_tokens_used
         self.kv_tokens_budget = stats.kv_tokens_budget
+        self.prefix_cache_hits = stats.prefix_cache_hits
+        self.prefix_cache_misses = stats.prefix_cache_misses
+        self.prefix_cache_hit_tokens = stats.prefix_cache_hit_tokens
+        self.prefix_cache_tokens = stats.prefix_cache_tokens
 
     def to_mapping(self) -> dict[str, str]:
         return {
@@ -58,6 +66,10 @@ class WorkerStatus:
             "waiting": str(self.num_waiting),
             "kv_tokens_used": str(self.kv_tokens_used),
             "kv_tokens_budget": str(self.kv_tokens_budget),
+            "prefix_cache_hits": str(self.prefix_cache_hits),
+            "prefix_cache_misses": str(self.prefix_cache_misses),
+            "prefix_cache_hit_tokens": str(self.prefix_cache_hit_tokens),
+            "prefix_cache_tokens": str(self.prefix_cache_tokens),
             "warm": "1" if self.is_warm else "0",
             "started_at": f"{self.started_at:.3f}",
             "state": self.state,

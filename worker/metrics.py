@@ -82,6 +82,17 @@ class WorkerMetrics:
                              registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens admitted", m,
                                      registry=r)
+        self.prefix_queries = Counter(f"{PREFIX}prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache", m,
+                                      registry=r)
+        self.prefix_hits = Counter(f"{PREFIX}prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache (not prefilled)", m,
+                                   registry=r)
+        self.prefix_requests = Counter(f"{PREFIX}prefix_cache_requests",
+                                       "Prefix-cache lookups by outcome (hit: any cached "
+                                       "prefix reused)", ["model_name", "outcome"], registry=r)
+        self.prefix_cached = Gauge(f"{PREFIX}prefix_cache_tokens",
+                                   "Prompt tokens the prefix cache holds now", m, registry=r)
         self.gen_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", m,
                                   registry=r)
         self.finished = Counter(f"{PREFIX}request_success",
@@ -121,8 +132,11 @@ class WorkerMetrics:
         for reason in FINISH_REASONS:  # every series exists from the start (0, not absent)
             self.finished.labels(self.model, reason)
         for counter in (self.prompt_tokens, self.gen_tokens, self.reclaimed,
-                        self.dead_lettered, self.steps):
+                        self.dead_lettered, self.steps, self.prefix_queries, self.prefix_hits):
             counter.labels(self.model)
+        for outcome in ("hit", "miss"):
+            self.prefix_requests.labels(self.model, outcome)
+        self._prefix_seen = EngineStats()  # the engine's cumulative counts at the last step
 
     # --- what the queue loop reports ----------------------------------------------------
 
@@ -209,6 +223,24 @@ class WorkerMetrics:
         self.kv_used.labels(self.model).set(stats.kv_tokens_used)
         usage = stats.kv_tokens_used / stats.kv_tokens_budget if stats.kv_tokens_budget else 0.0
         self.kv_usage.labels(self.model).set(usage)
+        self._on_prefix_stats(stats)
+
+    def _on_prefix_stats(self, stats: EngineStats) -> None:
+        """The engine counts since it started; the counters take the increase."""
+        seen = self._prefix_seen
+        for counter, now, before in (
+                (self.prefix_queries.labels(self.model), stats.prefix_cache_query_tokens,
+                 seen.prefix_cache_query_tokens),
+                (self.prefix_hits.labels(self.model), stats.prefix_cache_hit_tokens,
+                 seen.prefix_cache_hit_tokens),
+                (self.prefix_requests.labels(self.model, "hit"), stats.prefix_cache_hits,
+                 seen.prefix_cache_hits),
+                (self.prefix_requests.labels(self.model, "miss"), stats.prefix_cache_misses,
+                 seen.prefix_cache_misses)):
+            if now > before:
+                counter.inc(now - before)
+        self.prefix_cached.labels(self.model).set(stats.prefix_cache_tokens)
+        self._prefix_seen = stats
 
     def on_finished(self, request_id: str, finish_reason: str, *, num_output_tokens: int,
                     num_prompt_tokens: int, lane: str = "") -> None:

@@ -108,3 +108,51 @@ def test_bf16_greedy_agrees_on_95_percent_and_answers_paris() -> None:
     while engine.has_unfinished():
         text += "".join(o.text_delta for o in engine.step())
     assert "Paris" in text
+
+
+SYSTEM = ("You are a careful assistant for a small bookshop. Answer in one or two short "
+          "sentences, name the section of the shop where a book can be found when it helps, "
+          "never invent prices or stock levels, and say so plainly when you do not know. ") * 3
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def _with_system(loaded: LoadedModel, question: str) -> list[int]:
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        add_generation_prompt=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.skipif(
+    not NATIVE_BF16, reason="no native bf16 on this CPU (see the test above)"))])
+def test_prefix_cache_gives_the_tokens_of_a_cold_prefill(dtype: str) -> None:
+    """A shared ~200-token system prompt: with the cache, the later requests copy it (a hit
+    ending mid-block, since the question follows it) and give exactly the cold tokens."""
+    loaded = _load(dtype)
+    prompts = [_with_system(loaded, q) for q in QUESTIONS[:3]]
+    got = {}
+    for tokens in (0, 4096):
+        settings = Settings(prefix_cache_tokens=tokens)
+        engine = LLMEngine(TransformerRunner(loaded.model), loaded.tokenizer.backend_tokenizer,
+                           engine_config(settings, eos_token_ids(loaded)))
+        outs: dict[str, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            engine.add_request(EngineRequest(str(i), ids, _greedy(12)))
+            for _ in range(2):  # the next one arrives while this one decodes
+                for out in engine.step():
+                    outs.setdefault(out.id, []).extend(out.new_token_ids)
+        while engine.has_unfinished():
+            for out in engine.step():
+                outs.setdefault(out.id, []).extend(out.new_token_ids)
+        got[tokens] = outs
+        if tokens:
+            stats = engine.stats()
+            assert stats.prefix_cache_hits == 2
+            shared = [_common(prompts[0], p) for p in prompts[1:]]  # mid-block: the question
+            assert min(shared) > 150
+            assert stats.prefix_cache_hit_tokens == sum(shared)
+    assert got[4096] == got[0]

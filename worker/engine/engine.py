@@ -16,6 +16,7 @@ from shared.protocol import SamplingParams
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from worker.engine.grammar import GrammarBackend, GrammarError
 from worker.engine.model_runner import ModelRunner, PrefillChunk
+from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.scheduler import (
     Scheduler,
@@ -37,6 +38,8 @@ class EngineConfig:
     max_batch_tokens: int = 32768
     max_prefill_tokens: int = 512
     max_waiting: int = 16  # requests held beyond the running batch
+    prefix_cache_tokens: int = 0  # pool of cached prompt blocks (0 = no prefix caching)
+    prefix_block_size: int = 16
     eos_token_ids: tuple[int, ...] = ()
     scheduling: SchedulingPolicy = "mixed"  # see worker/engine/scheduler.py
 
@@ -56,7 +59,11 @@ class LLMEngine:
             max_prefill_tokens=config.max_prefill_tokens,
             max_context=runner.max_context,
             policy=config.scheduling,
-        ))
+        ), on_admit=self._admit)
+        self.prefix: PrefixCache | None = None
+        if config.prefix_cache_tokens >= config.prefix_block_size:
+            self.prefix = PrefixCache(self.cache.shape, config.prefix_cache_tokens,
+                                      config.prefix_block_size)
         self.sampler = Sampler(list(config.eos_token_ids))
         self.eos = frozenset(config.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
@@ -111,20 +118,26 @@ class LLMEngine:
         return max(0, rows + min(self.config.max_waiting, rows) - len(held))
 
     def stats(self) -> EngineStats:
-        return EngineStats(
+        stats = EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_tokens_used=self.cache.num_tokens,
             kv_tokens_budget=self.config.max_batch_tokens,
             steps=self._steps,
         )
+        if self.prefix is not None:
+            p = self.prefix.stats
+            stats.prefix_cache_hits, stats.prefix_cache_misses = p.hits, p.misses
+            stats.prefix_cache_hit_tokens = p.hit_tokens
+            stats.prefix_cache_query_tokens = p.query_tokens
+            stats.prefix_cache_tokens = self.prefix.num_tokens
+            stats.prefix_cache_capacity = self.prefix.capacity_tokens
+        return stats
 
     def step(self) -> list[RequestOutput]:
         outputs, self._early = self._early, []
         outputs.extend(self._apply_aborts())
         plan = self.scheduler.schedule()
-        for seq in plan.admitted:
-            self.cache.allocate(seq.id)
         if plan.is_empty:
             return outputs
         self._steps += 1
@@ -156,6 +169,37 @@ class LLMEngine:
         if self.grammars is None or all(s.matcher is None for s in seqs):
             return None
         return self.grammars.masks([s.matcher for s in seqs], logits.shape[-1], logits.device)
+
+    def _admit(self, seq: Sequence) -> None:
+        """A sequence joins the batch: give it a row and copy in its cached prefix, if any."""
+        row = self.cache.allocate(seq.id)
+        if self.prefix is None:
+            return
+        hit, slots = self.prefix.match(seq.prompt_token_ids)
+        if hit:
+            try:
+                self.cache.ensure_capacity(self.cache.num_rows, hit)
+                self.prefix.load(self.cache, row, hit, slots)
+            except (RuntimeError, MemoryError) as exc:  # prefill it instead
+                log.warning("copying a cached prefix failed, prefilling it: %r", exc)
+                hit = 0
+        self.prefix.record(seq.num_prompt_tokens, hit)
+        if hit:
+            seq.num_cached = hit
+            self.cache.advance(seq.id, hit)
+
+    def _remember_prompts(self, plan: SchedulerOutput) -> None:
+        """Put the prompts this step completed into the prefix cache (best effort)."""
+        if self.prefix is None:
+            return
+        for c in plan.prefills:
+            if not c.completes_prompt:
+                continue
+            try:
+                self.prefix.insert(self.cache, self.cache.row_of(c.seq.id),
+                                   c.seq.prompt_token_ids)
+            except (RuntimeError, MemoryError) as exc:
+                log.warning("caching the prompt of %s failed: %r", c.seq.id, exc)
 
     def _validate(self, request: EngineRequest) -> str | None:
         ids = request.prompt_token_ids
@@ -190,6 +234,7 @@ class LLMEngine:
         for c in plan.prefills:
             c.seq.num_cached += c.length
             self.cache.advance(c.seq.id, c.length)
+        self._remember_prompts(plan)
         sampled = plan.decodes + [c.seq for c in plan.prefills if c.completes_prompt]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return sampled, logits

@@ -62,6 +62,7 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         max_batch_tokens=settings.max_batch_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         max_waiting=settings.max_waiting,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
         eos_token_ids=tuple(eos),
         scheduling=settings.scheduling,
     )

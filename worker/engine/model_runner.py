@@ -96,24 +96,35 @@ def _concat_into_views(modules: list[torch.nn.Linear]) -> torch.Tensor:
     return fused
 
 
+_MIN_ROWS = 4
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.shape[0] == 1:
+    if x.shape[0] < _MIN_ROWS:
         return _apply(lambda t: F.linear(t, weight, bias), x)
     return F.linear(x, weight, bias)
 
 
 def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for a row-wise ``fn``, never on a single row.
+    """``fn(x)`` for a row-wise ``fn``, never on fewer than ``_MIN_ROWS`` rows.
 
     With one row, CPU matmul libraries take a matrix-vector path whose summation order
     differs from the matrix-matrix path, so a request's tokens would depend on whether it
-    runs alone or in a batch. Two rows take the same path as any batch; the cost is small
-    because one-row steps are bound by reading the weights, not by arithmetic.
+    runs alone or in a batch; in fp32 (measured here: MKL, AVX-512) M = 2 and 3 round
+    differently from M >= 4 as well. Padding to four rows takes the path of any batch; the
+    cost is not measurable because such steps are bound by reading the weights.
     """
-    if x.shape[0] != 1:
+    n = x.shape[0]
+    if n >= _MIN_ROWS:
         return fn(x)
-    return fn(x.expand(2, *x.shape[1:]).contiguous())[:1]
+    return fn(_pad_rows(x, _MIN_ROWS))[:n]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with its first row repeated at the end up to ``rows`` rows (dim 0)."""
+    extra = x[:1].expand(rows - x.shape[0], *x.shape[1:])
+    return torch.cat([x, extra])
 
 
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +137,26 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+_PV_BLOCK = 128
+
+
+def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``probs @ values`` whose rounding does not depend on how many masked keys trail.
+
+    bf16 batched matmuls accumulate the key dimension in one order at any length. fp32 ones
+    (M of a few hundred) switch blocking beyond about 128 keys, so a query's output would
+    change with the chunk's total length (measured: 1.8e-7). In fp32 the keys are therefore
+    summed in fixed 128-key blocks from position 0; blocks past a query add exact zeros.
+    """
+    total = probs.shape[-1]
+    if probs.dtype != torch.float32 or total <= _PV_BLOCK:
+        return torch.bmm(probs, values)
+    out = torch.bmm(probs[..., :_PV_BLOCK], values[:, :_PV_BLOCK])
+    for start in range(_PV_BLOCK, total, _PV_BLOCK):
+        out.baddbmm_(probs[..., start:start + _PV_BLOCK], values[:, start:start + _PV_BLOCK])
+    return out
 
 
 class TransformerRunner:
@@ -282,29 +313,45 @@ class TransformerRunner:
             return torch.empty(0, self.vocab_size, device=dev)
         return self._logits(h[torch.tensor(ends, device=dev)])
 
-    def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor | None:
-        if chunk.start == 0:
-            return None  # plain causal attention inside the chunk
+    def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor:
+        """Additive mask ``[n, start + n]``: query ``start + j`` sees keys ``<= start + j``."""
         n = len(chunk.token_ids)
         total = chunk.start + n
         key_pos = torch.arange(total, device=self.device).unsqueeze(0)
         query_pos = torch.arange(chunk.start, total, device=self.device).unsqueeze(1)
-        return key_pos <= query_pos  # [n, total]
+        mask = torch.zeros(n, total, device=self.device, dtype=torch.float32)
+        return mask.masked_fill_(key_pos > query_pos, float("-inf"))
 
-    def _chunk_attention(self, layer_idx: int, chunk: PrefillChunk, mask: torch.Tensor | None,
+    def _chunk_attention(self, layer_idx: int, chunk: PrefillChunk, mask: torch.Tensor,
                          q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of a chunk's queries over the row's keys ``[0, start + n)``.
+
+        The same math as decode (two batched matmuls per KV head, fp32 softmax with an
+        additive mask), not ``scaled_dot_product_attention``: the flash kernel's blocking
+        depends on the chunk's length, so a token's keys and values would depend on where
+        the prompt was cut into chunks (measured: 0.125 on SmolLM2 bf16 keys at 230 tokens
+        cut at 208), and a prefix-cache hit would not give the tokens a cold prefill gives.
+        Here a query's result depends only on the keys it sees (masked keys add exact zeros).
+        """
         n = q.shape[0]
         start, row = chunk.start, chunk.row
+        kv, group, dim = self.num_kv_heads, self.group, self.head_dim
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         keys[row, :, start:start + n] = k.transpose(0, 1)
         values[row, :, start:start + n] = v.transpose(0, 1)
-        if start == 0:
-            kk, vv = k.transpose(0, 1), v.transpose(0, 1)
+        total = start + n
+        kk, vv = keys[row, :, :total], values[row, :, :total]
+        qq = q.transpose(0, 1).reshape(kv, group * n, dim)
+        rows = group * n  # fewer than _MIN_ROWS query rows round differently (see _apply)
+        if rows < _MIN_ROWS:
+            qq = _pad_rows(qq.transpose(0, 1), _MIN_ROWS).transpose(0, 1).contiguous()
+        scores = torch.bmm(qq, kk.transpose(1, 2)).float().mul_(self.scale)
+        pad = scores.shape[1] - rows
+        if pad:
+            mask = torch.cat([mask.repeat(group, 1), mask[:1].expand(pad, total)])
+            scores = scores.add_(mask)
         else:
-            kk, vv = keys[row, :, :start + n], values[row, :, :start + n]
-        if self.group > 1:
-            kk = kk.repeat_interleave(self.group, dim=0)
-            vv = vv.repeat_interleave(self.group, dim=0)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), kk, vv, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+            scores = scores.view(kv, group, n, total).add_(mask).view(kv, rows, total)
+        probs = torch.softmax(scores, dim=-1).to(self.dtype)
+        out = _weighted_values(probs, vv)[:, :rows]
+        return out.reshape(self.num_heads, n, dim).transpose(0, 1).reshape(n, -1)

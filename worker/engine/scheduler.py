@@ -2,9 +2,11 @@
 
 Policy, no tensors and no I/O (vLLM's ``schedule()`` / ``update`` contract):
 - every running sequence that has finished its prompt decodes one token each step;
-- prompt tokens are prefilled in chunks under ``max_prefill_tokens`` per step, partially
-  prefilled sequences first, then waiting ones in arrival order, so a long prompt is
-  spread over several steps instead of stalling everyone's decoding;
+- prompt tokens are prefilled in chunks under ``max_prefill_tokens`` per step, from
+  ``num_cached`` (a prefix-cache hit, copied in at admission through ``on_admit``, is neither
+  prefilled again nor charged to the budget), partially prefilled sequences first, then
+  waiting ones in arrival order, so a long prompt is spread over several steps instead of
+  stalling everyone's decoding;
 - a waiting sequence is admitted only while the batch stays within ``max_batch_size`` rows
   and ``rows x longest reservation <= max_batch_tokens`` (a reservation is prompt +
   max_tokens, capped at the context). Reserving up front means a running sequence never
@@ -24,6 +26,7 @@ Two policies (``SchedulerConfig.policy``, ``TOKENFLEET_SCHEDULING``):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,11 +68,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig,
+                 on_admit: Callable[[Sequence], None] | None = None) -> None:
         if config.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {config.policy!r}; choose from "
                              f"{', '.join(SCHEDULING_POLICIES)}")
         self.config = config
+        # called as a sequence joins the batch, before its first chunk is cut: the engine
+        # gives it a cache row there and copies a cached prefix in (``num_cached`` grows)
+        self.on_admit = on_admit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -129,6 +136,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.admitted.append(seq)
+            if self.on_admit is not None:
+                self.on_admit(seq)
             budget -= self._chunk(out, seq, budget)
 
     def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:

@@ -45,6 +45,13 @@ class EngineStats:
     kv_tokens_used: int = 0
     kv_tokens_budget: int = 0
     steps: int = 0
+    # automatic prefix caching (cumulative since start, except the pool's fill)
+    prefix_cache_hits: int = 0  # requests that reused a cached prefix
+    prefix_cache_misses: int = 0  # requests that found none (lookups with the cache on)
+    prefix_cache_hit_tokens: int = 0  # prompt tokens copied instead of prefilled
+    prefix_cache_query_tokens: int = 0  # prompt tokens looked up
+    prefix_cache_tokens: int = 0  # tokens held in the pool now
+    prefix_cache_capacity: int = 0  # its size (TOKENFLEET_PREFIX_CACHE_TOKENS; 0 = off)
 
 
 class Engine(Protocol):
