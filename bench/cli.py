@@ -32,6 +32,7 @@ FEATURE_SYSTEMS = ("features",)  # OpenAI features' cost (bench/features.py); no
 SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS + FEATURE_SYSTEMS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 QUICK_MAX_TOKENS = 8
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # --prefix-cache on when the settings turn it off
 MIN_REQUESTS = 8  # per closed-loop point: at least one whole max_tokens cycle
 OPEN_LOOP_SECONDS = 30.0  # open loop without --requests/--duration: ~30 s of arrivals
 log = logging.getLogger("bench")
@@ -60,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "one run: engine and full run once per policy, rows engine[mixed], "
                         "engine[phase]... (the engine's policies alternate at each load point); "
                         "default: TOKENFLEET_SCHEDULING only, rows engine and full")
+    parser.add_argument("--prefix-cache", default="",
+                        help="on, off or on,off: run engine and full with the prefix cache on "
+                        "and/or off, rows engine[cache-on], engine[cache-off]... (alternating "
+                        "at each load point); default: on,off for --workload shared-prefix, "
+                        "else TOKENFLEET_PREFIX_CACHE_TOKENS only")
     parser.add_argument("--mode", choices=("closed", "open"), default="closed",
                         help="closed: N clients back to back; open: Poisson arrivals at --rate")
     parser.add_argument("--rate", default="4",
@@ -130,6 +136,11 @@ class Bench:
         if wrong or len(set(self.scheduling)) != len(self.scheduling):
             raise SystemExit(f"--scheduling takes distinct policies among "
                              f"{', '.join(SCHEDULING_POLICIES)}; got {args.scheduling!r}")
+        modes = args.prefix_cache or ("on,off" if args.workload == "shared-prefix" else "")
+        self.prefix_modes = [m.strip() for m in modes.split(",") if m.strip()]
+        if (set(self.prefix_modes) - {"on", "off"}
+                or len(set(self.prefix_modes)) != len(self.prefix_modes)):
+            raise SystemExit(f"--prefix-cache takes on, off or on,off; got {args.prefix_cache!r}")
         self.runs: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {"system_notes": {}}
 
@@ -150,6 +161,26 @@ class Bench:
         if not self.scheduling:
             return [(system, None)]
         return [(f"{system}[{policy}]", policy) for policy in self.scheduling]
+
+    def variant_rows(self, system: str) -> list[tuple[str, str | None, bool | None]]:
+        """(row name, policy, prefix cache on/off/None) per run of ``engine`` or ``full``:
+        the scheduling policies crossed with the ``--prefix-cache`` modes."""
+        rows = []
+        for name, policy in self.policy_rows(system):
+            if not self.prefix_modes:
+                rows.append((name, policy, None))
+                continue
+            for mode in self.prefix_modes:
+                tag = f"cache-{mode}"
+                label = f"{name[:-1]},{tag}]" if policy is not None else f"{system}[{tag}]"
+                rows.append((label, policy, mode == "on"))
+        return rows
+
+    def prefix_env(self, cache: bool | None) -> dict[str, str]:
+        if cache is None:
+            return {}
+        tokens = self.settings.prefix_cache_tokens or DEFAULT_PREFIX_CACHE_TOKENS
+        return {"TOKENFLEET_PREFIX_CACHE_TOKENS": str(tokens if cache else 0)}
 
     def load(self, clients: int | None, rate: float | None) -> Load:
         args = self.args
@@ -231,15 +262,24 @@ class Bench:
         all of them alike; every policy gets the same requests (seeded loads)."""
         from bench import inprocess
 
-        rows = self.policy_rows("engine")
-        for system, policy in rows:
+        rows = self.variant_rows("engine")
+        for system, policy, cache in rows:
+            notes = []
             if policy is not None:
-                self.describe(system, f"the engine in-process with TOKENFLEET_SCHEDULING="
-                              f"{policy}; policies alternate at each load point")
+                notes.append(f"TOKENFLEET_SCHEDULING={policy}")
+            if cache is not None:
+                notes.append(f"prefix cache {'on' if cache else 'off'} (empty at each point)")
+            if notes:
+                self.describe(system, f"the engine in-process with {', '.join(notes)}; "
+                              "variants alternate at each load point")
         for i, point in enumerate(self.points("engine")):
-            for system, policy in rows if i % 2 == 0 else rows[::-1]:
+            for system, policy, cache in rows if i % 2 == 0 else rows[::-1]:
                 try:
-                    result = inprocess.run_engine(bundle, self.load(*point), policy)
+                    if cache is None:
+                        result = inprocess.run_engine(bundle, self.load(*point), policy)
+                    else:
+                        result = inprocess.run_engine(bundle, self.load(*point), policy,
+                                                      prefix_cache=cache)
                     self.record(system, point, result)
                 except Exception as exc:
                     self.failed(system, point, exc)
@@ -279,11 +319,12 @@ class Bench:
     def run_full(self) -> None:
         """The full path, once per scheduling policy (a fleet each, the workers' policy set
         through ``TOKENFLEET_SCHEDULING``)."""
-        for system, policy in self.policy_rows("full"):
-            if policy is not None:
-                self.describe(system, f"gateway + Redis + worker with TOKENFLEET_SCHEDULING="
-                              f"{policy}")
+        for system, policy, cache in self.variant_rows("full"):
             env = {} if policy is None else {"TOKENFLEET_SCHEDULING": policy}
+            env.update(self.prefix_env(cache))
+            if env:
+                self.describe(system, "gateway + Redis + worker with " + ", ".join(
+                    f"{k}={v}" for k, v in env.items()))
             self.run_fleet(system, env, self.points("full"), self.load, self.args.http_client)
 
     def run_bus(self) -> None:
@@ -360,7 +401,8 @@ def bus_system(gateway_processes: int) -> str:
 def _settings_summary(settings: Settings) -> dict[str, Any]:
     """The knobs that shape the engine's and the fleet's speed."""
     keys = ("dtype", "quantization", "device", "torch_threads", "max_batch_size",
-            "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms", "scheduling")
+            "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms", "scheduling",
+            "prefix_cache_tokens")
     return {key: getattr(settings, key) for key in keys}
 
 

@@ -26,6 +26,8 @@ from worker.engine.model_runner import TransformerRunner
 from worker.engine.scheduler import SchedulingPolicy
 from worker.engine.types import EngineRequest
 
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # "on" when the settings turn the cache off
+
 
 @dataclass
 class Bundle:
@@ -36,15 +38,25 @@ class Bundle:
     engine: LLMEngine
     engines: dict[str, LLMEngine] = field(default_factory=dict)  # per scheduling policy
 
-    def engine_for(self, policy: SchedulingPolicy | None) -> LLMEngine:
-        """The engine with that scheduling policy (None: the settings' one), over the same
-        warmed-up model runner (one engine steps at a time, so they share its cache)."""
-        if policy is None or policy == self.engine.config.scheduling:
+    def engine_for(self, policy: SchedulingPolicy | None,
+                   prefix_cache: bool | None = None) -> LLMEngine:
+        """The engine with that scheduling policy (None: the settings' one) and prefix cache
+        (on: the settings' size, or 8192 tokens if that is 0; off; None: the settings'), over
+        the same warmed-up model runner (one engine steps at a time, so they share its cache).
+        A prefix-cache engine starts each run with an empty pool (``run_engine``)."""
+        config = self.engine.config
+        if policy is not None:
+            config = replace(config, scheduling=policy)
+        if prefix_cache is not None:
+            tokens = (config.prefix_cache_tokens or DEFAULT_PREFIX_CACHE_TOKENS
+                      if prefix_cache else 0)
+            config = replace(config, prefix_cache_tokens=tokens)
+        if config == self.engine.config:
             return self.engine
-        if policy not in self.engines:
-            config = replace(self.engine.config, scheduling=policy)
-            self.engines[policy] = LLMEngine(self.engine.runner, self.engine.decoder, config)
-        return self.engines[policy]
+        key = f"{config.scheduling}/{config.prefix_cache_tokens}"
+        if key not in self.engines:
+            self.engines[key] = LLMEngine(self.engine.runner, self.engine.decoder, config)
+        return self.engines[key]
 
     @property
     def num_parameters(self) -> int:
@@ -52,12 +64,12 @@ class Bundle:
 
     def ids(self, request: BenchRequest) -> list[int]:
         """The chat-templated prompt tokens, as the gateway would build them."""
-        if request.prompt not in self.prompt_ids:
+        if request.key not in self.prompt_ids:
             chat = self.loaded.tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True)
             ids = chat if isinstance(chat, list) else chat["input_ids"]
-            self.prompt_ids[request.prompt] = list(ids)
-        return self.prompt_ids[request.prompt]
+            self.prompt_ids[request.key] = list(ids)
+        return self.prompt_ids[request.key]
 
 
 def load_bundle(settings: Settings, path: Path) -> Bundle:
@@ -81,11 +93,14 @@ def greedy_exact(max_tokens: int) -> SamplingParams:
 
 
 def run_engine(bundle: Bundle, load: Load, policy: SchedulingPolicy | None = None,
-               ) -> RunResult:
+               prefix_cache: bool | None = None) -> RunResult:
     """Drive ``LLMEngine`` with ``add_request``/``step``. The mean batch is the running count
     averaged over the steps (the rows that finished in a step count as running in it).
-    ``policy``: the scheduling policy (None: the settings' one)."""
-    engine = bundle.engine_for(policy)
+    ``policy``: the scheduling policy (None: the settings' one); ``prefix_cache``: on, off
+    or None (the settings'). The prefix cache starts empty: the first requests miss."""
+    engine = bundle.engine_for(policy, prefix_cache)
+    if engine.prefix is not None:
+        engine.prefix.clear()
     records: dict[str, RequestRecord] = {}
     batch_sizes: list[int] = []
 

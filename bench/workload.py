@@ -25,7 +25,22 @@ PROMPTS = (
 
 MIXED_MAX_TOKENS = (16, 256, 32, 128, 64, 16, 32, 64)
 UNIFORM_MAX_TOKENS = 64
-WORKLOADS = ("mixed", "uniform")
+SHARED_PREFIX_MAX_TOKENS = 32
+# About 200 tokens (SmolLM2's tokenizer, chat template included) that every shared-prefix
+# request starts with; each adds its own ~20-token question (PROMPTS).
+SYSTEM_PROMPT = (
+    "You are the help desk assistant of Northwind Outfitters, a shop for hiking, camping and "
+    "climbing gear with stores in Denver, Portland and Boise and an online catalogue. Answer "
+    "in plain, friendly English and keep every answer short: two or three sentences unless "
+    "the customer asks for more. Never invent prices, stock levels, delivery dates or store "
+    "hours; when you do not know, say so and suggest calling the store or writing to the "
+    "support address. Do not give medical or legal advice. If a question is about safety in "
+    "the mountains, remind the customer to check the weather, tell someone their route and "
+    "carry the ten essentials. Recommend products only by category, never by brand. Be kind "
+    "to beginners, and when a customer sounds unsure, offer one simple next step they can "
+    "take today. Returns are accepted within sixty days with a receipt."
+)
+WORKLOADS = ("mixed", "uniform", "shared-prefix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,24 +48,38 @@ class BenchRequest:
     index: int
     prompt: str
     max_tokens: int
+    system: str = ""  # a system message before the prompt (the shared-prefix workload)
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.prompt}]
+        user = [{"role": "user", "content": self.prompt}]
+        return [{"role": "system", "content": self.system}, *user] if self.system else user
+
+    @property
+    def key(self) -> str:
+        """What identifies the prompt's tokens (system message and prompt)."""
+        return f"{self.system}\n{self.prompt}" if self.system else self.prompt
 
 
 def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
                   ) -> list[BenchRequest]:
-    """``count`` requests; ``mixed`` cycles max_tokens 16, 256, 32, 128, 64, 16, 32, 64."""
+    """``count`` requests; ``mixed`` cycles max_tokens 16, 256, 32, 128, 64, 16, 32, 64;
+    ``uniform`` asks 64 each; ``shared-prefix`` puts the same ~200-token system prompt
+    before every question and asks 32 tokens (prefill-heavy: what prefix caching is for)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     out = []
+    system = SYSTEM_PROMPT if workload == "shared-prefix" else ""
     for i in range(count):
-        budget = MIXED_MAX_TOKENS[i % len(MIXED_MAX_TOKENS)] if workload == "mixed" \
-            else UNIFORM_MAX_TOKENS
+        if workload == "mixed":
+            budget = MIXED_MAX_TOKENS[i % len(MIXED_MAX_TOKENS)]
+        elif workload == "shared-prefix":
+            budget = SHARED_PREFIX_MAX_TOKENS
+        else:
+            budget = UNIFORM_MAX_TOKENS
         if max_tokens_cap:
             budget = min(budget, max_tokens_cap)
-        out.append(BenchRequest(i, PROMPTS[i % len(PROMPTS)], budget))
+        out.append(BenchRequest(i, PROMPTS[i % len(PROMPTS)], budget, system))
     return out
 
 

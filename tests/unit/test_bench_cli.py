@@ -210,3 +210,65 @@ def test_run_engine_drives_the_engine_of_the_policy_asked_for() -> None:
         assert all(r.error is None and r.first_token for r in result.records)
     assert counts["mixed"] == counts["phase"] == sorted(
         r.max_tokens for r in make_requests("mixed", 6, 8))
+
+
+def test_shared_prefix_workload_compares_the_cache_on_and_off() -> None:
+    from bench.workload import SYSTEM_PROMPT, make_requests
+
+    bench = _bench("--workload", "shared-prefix")
+    assert bench.variant_rows("engine") == [("engine[cache-on]", None, True),
+                                            ("engine[cache-off]", None, False)]
+    assert bench.prefix_env(False) == {"TOKENFLEET_PREFIX_CACHE_TOKENS": "0"}
+    assert bench.prefix_env(True)["TOKENFLEET_PREFIX_CACHE_TOKENS"] != "0"
+    assert _bench().variant_rows("full") == [("full", None, None)]
+    crossed = _bench("--scheduling", "mixed,phase", "--prefix-cache", "off")
+    assert [name for name, _, _ in crossed.variant_rows("engine")] == [
+        "engine[mixed,cache-off]", "engine[phase,cache-off]"]
+    with pytest.raises(SystemExit, match="--prefix-cache"):
+        _bench("--prefix-cache", "maybe")
+    reqs = make_requests("shared-prefix", 4)
+    assert all(r.messages[0] == {"role": "system", "content": SYSTEM_PROMPT} for r in reqs)
+    assert len({r.key for r in reqs}) == 4 and len({r.prompt for r in reqs}) == 4
+    assert make_requests("mixed", 1)[0].messages == [
+        {"role": "user", "content": make_requests("mixed", 1)[0].prompt}]
+
+
+def test_engine_runs_cache_on_and_off_on_the_same_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import inprocess
+    from bench.metrics import RequestRecord, RunResult
+
+    calls: list[tuple[bool | None, int]] = []
+
+    def fake_run(bundle: object, load: ClosedLoop, policy: str | None = None,
+                 prefix_cache: bool | None = None) -> RunResult:
+        calls.append((prefix_cache, load.num_clients))
+        return RunResult([RequestRecord(0.0, 2, 0.1, 0.2, [0.1, 0.2])], 1.0)
+
+    monkeypatch.setattr(inprocess, "run_engine", fake_run)
+    bench = _bench("--workload", "shared-prefix", "--concurrency", "2,4")
+    bench.run_engine_policies(bundle=None)
+    assert calls == [(True, 2), (False, 2), (False, 4), (True, 4)]
+    assert "prefix cache off" in bench.meta["system_notes"]["engine[cache-off]"]
+
+
+def test_run_engine_with_the_prefix_cache_on_and_off() -> None:
+    import torch
+
+    from bench.inprocess import Bundle, run_engine
+    from bench.workload import make_requests
+    from tests.unit.tiny_model import tiny_engine, tiny_llama
+
+    reqs = make_requests("shared-prefix", 6, 4)
+    shared = list(range(3, 60))
+    bundle = Bundle(loaded=None, engine=tiny_engine(tiny_llama(torch.float32)),  # type: ignore[arg-type]
+                    prompt_ids={r.key: [1, *shared, 60 + r.index % 16] for r in reqs})
+    off = bundle.engine_for(None, prefix_cache=False)
+    on = bundle.engine_for(None, prefix_cache=True)
+    assert off.prefix is None and on.prefix is not None and on.runner is off.runner
+    for cache in (True, False):
+        load = ClosedLoop(cli.split_among_clients(reqs, 2))
+        result = run_engine(bundle, load, prefix_cache=cache)
+        assert sorted(r.output_tokens for r in result.records) == [4] * 6
+    assert on.stats().prefix_cache_hits >= 4  # the first two (in one step) miss
+    assert off.stats().prefix_cache_hits == 0

@@ -125,3 +125,22 @@ def test_a_policy_comparison_gets_its_own_plot(tmp_path: Path) -> None:
     plain = json.loads(write(_result([_row("engine", 1, 10.0)]), tmp_path / "b", None)
                        .read_text())
     assert plain["meta"]["scheduling_plot"] is None
+
+
+def test_shared_prefix_targets_compare_cache_on_with_off() -> None:
+    def row(system: str, clients: int, ttft: float, tps: float) -> dict[str, object]:
+        return {"system": system, "concurrency": clients, "rate": None, "ttft_p50_ms": ttft,
+                "steady_tokens_per_s": tps, "output_tokens_per_s": tps * 0.9}
+
+    runs = [row("engine[cache-on]", 16, 100.0, 400.0), row("engine[cache-off]", 16, 420.0,
+                                                           250.0),
+            row("engine[cache-on]", 8, 50.0, 300.0), row("engine[cache-off]", 8, 60.0, 290.0)]
+    targets = {t["name"]: t for t in compute_targets(runs, {})}
+    ttft = targets["shared prefix, engine at 16 clients: TTFT p50 cache off / on"]
+    assert (ttft["value"], ttft["met"], ttft["goal"]) == (4.2, True, ">= 3x")
+    tps = targets["shared prefix, engine at 16 clients: tok/s cache on / off"]
+    assert (tps["value"], tps["whole_run"], tps["met"]) == (1.6, 1.6, True)
+    full = targets["shared prefix, full at 32 clients: TTFT p50 cache off / on"]
+    assert full["value"] is None and full["met"] is None  # full did not run: never guessed
+    eff = targets["decode efficiency, engine at 64 clients"]
+    assert eff["goal"] == ">= 0.45"
