@@ -7,13 +7,13 @@ Writers:
   the key's job index and the ``Idempotency-Key`` binding at once), cancels
   (``CANCEL_LUA``) and purges (``PURGE_LUA``);
 - a worker takes each delivery with ``BEGIN_ATTEMPT_LUA`` (the job's ``attempt`` goes up by
-  one) and writes everything after that with ``WRITE_JOB_LUA`` / ``PUBLISH_JOB_EVENTS_LUA``,
+  one) and writes everything after that with ``WRITE_JOBS_LUA`` / ``PUBLISH_JOB_EVENTS_LUA``,
   which first check that the job's current attempt is still the writer's. A worker that
   stalled past the claim idle time and lost the request to another one so writes nothing
   more for it: no events, text, pub/sub messages, final state or ack (fencing).
 
 Webhook events (``Keys.webhook_events``) are written by the same scripts that write a job's
-start and its terminal state (``WRITE_JOB_LUA``, ``CANCEL_LUA``), in the same atomic step:
+start and its terminal state (``WRITE_JOBS_LUA``, ``CANCEL_LUA``), in the same atomic step:
 a job that asks for webhooks gets exactly one ``start`` and one ``completed`` event, each
 with a snapshot of its record (and text), and only from the writer whose attempt is
 current. ``webhooks/`` delivers them.
@@ -318,7 +318,7 @@ if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) en
 return {attempt, redis.call('LLEN', KEYS[2]), cancelled, 0}
 """)
 
-WRITE_NO_ACK = ""  # WRITE_JOB_LUA's entry id when there is nothing to acknowledge
+WRITE_NO_ACK = ""  # a job's entry id in WRITE_JOBS_LUA when there is nothing to acknowledge
 
 # Everything one flush writes for one job, only while ARGV[1] is the job's current attempt.
 # Events and text are stored once: a transaction re-sent after a lost reply finds the list
@@ -334,7 +334,8 @@ WRITE_NO_ACK = ""  # WRITE_JOB_LUA's entry id when there is nothing to acknowled
 #       6 events ttl after finish (s), 7 group, 8 entry id to ack (WRITE_NO_ACK: none),
 #       9 text, 10 number n of field/value items, 11..10+n the items, then packed events.
 # Returns 1 written, 0 events already stored (the rest written), -1 fenced off (nothing).
-WRITE_JOB_LUA = _lua(_EMIT_WEBHOOK + """
+_WRITE_JOB = """
+local function write_job(KEYS, ARGV)
 local current = redis.call('HGET', KEYS[1], '$F_attempt') or '0'
 if current ~= ARGV[1] then return -1 end
 local before = redis.call('HGET', KEYS[1], '$F_status')
@@ -369,6 +370,27 @@ if ARGV[4] == '1' then
 end
 if ARGV[8] ~= '' then redis.call('XACK', KEYS[5], ARGV[7], ARGV[8]) end
 return stored
+end
+"""
+
+# ``_WRITE_JOB`` for every job of one flush in one call (one script run per step instead of
+# one per running request: the per-call cost of EVALSHA and of the client's command
+# packing was most of a step's Redis work). Each job is fenced and written on its own.
+# KEYS: the 6 keys of each job in turn. ARGV: per job, the number n of its arguments, then
+# its n arguments. Returns the replies of the jobs, in order.
+WRITE_JOBS_LUA = _lua(_EMIT_WEBHOOK + _WRITE_JOB + """
+local replies = {}
+local at = 1
+for j = 1, #KEYS / 6 do
+  local k = 6 * (j - 1)
+  local n = tonumber(ARGV[at])
+  local args = {}  -- a loop, not unpack(): a job's events may exceed Lua's stack
+  for i = 1, n do args[i] = ARGV[at + i] end
+  replies[j] = write_job({KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
+                          KEYS[k + 6]}, args)
+  at = at + 1 + n
+end
+return replies
 """)
 
 # One pub/sub message (a msgpack array of packed events) with the events of the jobs whose

@@ -3,8 +3,9 @@
 Everything a loop turn wants written (start records, events, text, final job state,
 dead letters, acknowledgements) is collected in an ``Outbox`` in memory and written by
 ``flush`` in one ``MULTI``/``EXEC`` round trip. A job's writes (events, text, record, the
-ack of its entry) go through ``WRITE_JOB_LUA`` and its live events through
-``PUBLISH_JOB_EVENTS_LUA`` (one message per gateway channel), both fenced by the job's
+ack of its entry) go through ``WRITE_JOBS_LUA`` (one call for every job of the flush) and
+their live events through ``PUBLISH_JOB_EVENTS_LUA`` (one message per gateway channel),
+both fenced by each job's
 attempt: a worker that lost a request to another one writes nothing more for it, and
 ``flush`` reports the job as lost. If Redis is unreachable or refuses writes the outbox is
 kept and the next ``flush`` writes it (events keep their order; delivery is at-least-once).
@@ -23,7 +24,7 @@ import redis
 from shared.job_record import (
     PUBLISH_JOB_EVENTS_LUA,
     STATUS_RUNNING,
-    WRITE_JOB_LUA,
+    WRITE_JOBS_LUA,
     WRITE_NO_ACK,
     JobRecord,
     status_for_finish,
@@ -42,7 +43,7 @@ from worker.engine.types import RequestOutput
 
 logger = logging.getLogger(__name__)
 
-WRITE_FENCED = -1  # WRITE_JOB_LUA's answer when another attempt owns the job
+WRITE_FENCED = -1  # a job's reply in WRITE_JOBS_LUA when another attempt owns the job
 
 
 class PublishObserver(Protocol):
@@ -134,7 +135,7 @@ class Publisher:
         self.stream_maxlen = stream_maxlen
         self.dead_letter_stream = keys.dead_letter_stream(model)
         self.outbox = Outbox()
-        self._write_script: Any = None  # WRITE_JOB_LUA, registered on the first flush
+        self._write_script: Any = None  # WRITE_JOBS_LUA, registered on the first flush
         self._publish_script: Any = None  # PUBLISH_JOB_EVENTS_LUA
         self.observer: PublishObserver | None = None  # metrics: every finish, dead letter
 
@@ -226,7 +227,7 @@ class Publisher:
         if self.outbox.is_empty and not cancel_watch:
             return FlushResult()
         if self._write_script is None:
-            self._write_script = client.register_script(WRITE_JOB_LUA)
+            self._write_script = client.register_script(WRITE_JOBS_LUA)
             self._publish_script = client.register_script(PUBLISH_JOB_EVENTS_LUA)
         box = self.outbox
         pipe = client.pipeline(transaction=True)
@@ -241,19 +242,25 @@ class Publisher:
 
     def _write_jobs(self, pipe: redis.client.Pipeline,
                     box: Outbox) -> dict[tuple[str, int], list[bytes]]:
+        """One ``WRITE_JOBS_LUA`` call for every job in the outbox (its reply is the first
+        of the transaction's when there are jobs)."""
         packed_by_job: dict[tuple[str, int], list[bytes]] = {}
+        keys: list[str] = []
+        args: list[Any] = []
         for key, writes in box.jobs.items():
             job = writes.job
             packed = packed_by_job[key] = [pack(event) for event in writes.events]
             first_seq = writes.events[0].seq if writes.events else job.next_seq
             items = [part for pair in writes.fields.items() for part in pair]
             ack_id = job.entry_id if writes.is_ack else WRITE_NO_ACK
-            keys = [self.keys.job(job.id), self.keys.job_events(job.id),
-                    self.keys.job_text(job.id), self.keys.cancel(job.id), job.stream,
-                    self.keys.webhook_events]
-            args = [job.attempt, first_seq, int(writes.is_start), int(writes.is_finish),
-                    self.job_ttl_s, self.events_ttl_s, WORKER_GROUP, ack_id,
-                    "".join(writes.text), len(items), *items, *packed]
+            keys += [self.keys.job(job.id), self.keys.job_events(job.id),
+                     self.keys.job_text(job.id), self.keys.cancel(job.id), job.stream,
+                     self.keys.webhook_events]
+            args += [10 + len(items) + len(packed), job.attempt, first_seq,
+                     int(writes.is_start), int(writes.is_finish), self.job_ttl_s,
+                     self.events_ttl_s, WORKER_GROUP, ack_id, "".join(writes.text), len(items),
+                     *items, *packed]
+        if keys:
             self._write_script(keys=keys, args=args, client=pipe)
         return packed_by_job
 
@@ -282,9 +289,11 @@ class Publisher:
     @staticmethod
     def _result(box: Outbox, results: list[Any], cancel_watch: list[str]) -> FlushResult:
         result = FlushResult()
-        for writes, reply in zip(box.jobs.values(), results, strict=False):
-            if reply == WRITE_FENCED:
-                result.lost.add((writes.job.id, writes.job.attempt))
+        replies = results[0] if box.jobs else []
+        if isinstance(replies, list):
+            for writes, reply in zip(box.jobs.values(), replies, strict=False):
+                if reply == WRITE_FENCED:
+                    result.lost.add((writes.job.id, writes.job.attempt))
         for reply in results:
             if isinstance(reply, Exception):
                 logger.error("a result write failed: %s", reply)

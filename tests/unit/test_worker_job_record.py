@@ -9,7 +9,7 @@ from shared.job_record import (
     PUBLISH_JOB_EVENTS_LUA,
     PURGE_LUA,
     TERMINAL_STATUSES,
-    WRITE_JOB_LUA,
+    WRITE_JOBS_LUA,
     JobField,
     JobRecord,
     status_for_finish,
@@ -44,7 +44,7 @@ def test_partial_record_is_an_update_and_bad_numbers_read_as_none() -> None:
 
 
 def test_scripts_name_fields_through_the_enum() -> None:
-    for script in (CANCEL_LUA, BEGIN_ATTEMPT_LUA, WRITE_JOB_LUA, PUBLISH_JOB_EVENTS_LUA,
+    for script in (CANCEL_LUA, BEGIN_ATTEMPT_LUA, WRITE_JOBS_LUA, PUBLISH_JOB_EVENTS_LUA,
                    ENQUEUE_LUA, PURGE_LUA):
         assert "$" not in script
-    assert "'attempt'" in WRITE_JOB_LUA and "'owner'" in CANCEL_LUA
+    assert "'attempt'" in WRITE_JOBS_LUA and "'owner'" in CANCEL_LUA
