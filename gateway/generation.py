@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive
 
 from gateway.errors import GenerationFailedError, QueueTimeoutError
-from gateway.openai_format import OpenAIFormat, Outcome
+from gateway.openai_format import Choice, OpenAIFormat, Outcome
 from gateway.reader import TIMED_OUT_IN_QUEUE, is_queue_timeout, job_events
 from gateway.sse import EventStreamResponse, StreamCloser, openai_stream
 from gateway.state import GatewayState
@@ -30,21 +30,27 @@ STOP_WAIT_TIMEOUT_S = 5.0
 
 
 async def collect(events: AsyncIterator[TokenEvent], prompt_tokens: int) -> Outcome:
-    """The whole answer from a request's events."""
-    parts: list[str] = []
-    logprobs: list[list[Any]] = []
+    """The whole answer from a request's events (every choice's when n > 1)."""
+    parts: dict[int, list[str]] = {0: []}
+    logprobs: dict[int, list[list[Any]]] = {0: []}
+    reasons: dict[int, str] = {}
     async for event in events:
         if event.type == EVENT_TOKEN:
-            parts.append(event.text)
-            logprobs.extend(event.logprobs)
+            parts.setdefault(event.index, []).append(event.text)
+            logprobs.setdefault(event.index, []).extend(event.logprobs)
+            if event.finish_reason:  # n > 1: this choice ended
+                reasons[event.index] = event.finish_reason
         elif event.type == EVENT_RESTART:
-            parts.clear()
-            logprobs.clear()
+            parts, logprobs, reasons = {0: []}, {0: []}, {}
         elif event.type == EVENT_DONE:
-            return Outcome(text="".join(parts), finish_reason=event.finish_reason or "stop",
+            reason = event.finish_reason or "stop"
+            choices = [Choice("".join(parts[i]), reasons.get(i, reason), logprobs[i] or None)
+                       for i in sorted(parts)]
+            return Outcome(text=choices[0].text, finish_reason=choices[0].finish_reason,
                            prompt_tokens=event.prompt_tokens or prompt_tokens,
                            completion_tokens=event.completion_tokens,
-                           logprobs=logprobs or None)
+                           logprobs=choices[0].logprobs,
+                           choices=choices if len(choices) > 1 else None)
         elif event.type == EVENT_ERROR:
             raise _failure(event)
     raise GenerationFailedError("the event stream ended without a result")
@@ -74,7 +80,8 @@ async def respond(gw: GatewayState, submission: Submission, receive: Receive) ->
                        created=int(request.created_at),
                        include_usage=submission.include_usage,
                        wants_logprobs=request.params.logprobs is not None,
-                       tool_mode=submission.tool_mode, echo=submission.echo)
+                       tool_mode=submission.tool_mode, echo=submission.echo,
+                       n=request.params.n)
     mailbox = gw.dispatcher.register(request.id)  # before XADD: no event can be missed
     try:
         await enqueue(gw, submission)

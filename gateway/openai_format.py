@@ -15,6 +15,15 @@ Kind = Literal["chat", "completion"]
 
 
 @dataclass(slots=True)
+class Choice:
+    """One of several choices (n > 1) of a finished generation."""
+
+    text: str
+    finish_reason: str
+    logprobs: list[list[Any]] | None = None
+
+
+@dataclass(slots=True)
 class Outcome:
     """A finished generation, as a non-streaming response reports it."""
 
@@ -23,6 +32,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[list[Any]] | None = None  # the tokens' entries when the request asked
+    choices: list[Choice] | None = None  # n > 1: every choice, by index (0 is the above)
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.completion_tokens)
@@ -45,6 +55,7 @@ class OpenAIFormat:
     wants_logprobs: bool = False
     tool_mode: str = ""  # gateway.tools: MODE_HERMES / MODE_JSON parse tool calls; "" none
     echo: str = ""  # text completions with echo: the prompt, before the completion
+    n: int = 1  # choices; n > 1 streams each choice's chunks and finish under its index
     _delta_parts: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False,
                                                      compare=False)
     _offset: int = 0  # text completions: characters streamed so far (logprobs' text_offset)
@@ -81,12 +92,12 @@ class OpenAIFormat:
         return chunk
 
     def _choice(self, text: str | None, finish_reason: str | None,
-                logprobs: list[list[Any]] | None = None) -> dict[str, Any]:
+                logprobs: list[list[Any]] | None = None, index: int = 0) -> dict[str, Any]:
         if self.kind == "chat":
             delta = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs),
+            return {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs),
                     "finish_reason": finish_reason}
-        choice = {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs),
+        choice = {"index": index, "text": text or "", "logprobs": self._logprobs(logprobs),
                   "finish_reason": finish_reason}
         self._offset += len(text or "")
         return choice
@@ -96,12 +107,12 @@ class OpenAIFormat:
         they echo the prompt (then it is their first chunk)."""
         if self.kind != "chat":
             return self.delta_chunk(self.echo) if self.echo else None
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None}
-        return self._chunk([choice])
+        return self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None} for i in range(self.n)])
 
-    def delta_chunk(self, text: str, logprobs: list[list[Any]] | None = None) -> dict[str, Any]:
-        return self._chunk([self._choice(text, None, logprobs)])
+    def delta_chunk(self, text: str, logprobs: list[list[Any]] | None = None,
+                    index: int = 0) -> dict[str, Any]:
+        return self._chunk([self._choice(text, None, logprobs, index)])
 
     def delta_json(self, text: str) -> bytes:
         """``delta_chunk(text)`` without logprobs as compact JSON (``ensure_ascii=False``),
@@ -118,8 +129,8 @@ class OpenAIFormat:
         prefix, suffix = self._delta_parts
         return prefix + dumps(text) + suffix
 
-    def final_chunk(self, finish_reason: str) -> dict[str, Any]:
-        choice = self._choice(None, finish_reason)
+    def final_chunk(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        choice = self._choice(None, finish_reason, index=index)
         choice["logprobs"] = None
         return self._chunk([choice])
 
@@ -166,28 +177,26 @@ class OpenAIFormat:
         return chunk
 
     def response(self, outcome: Outcome) -> dict[str, Any]:
-        if self.kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": outcome.text}
-            finish_reason = outcome.finish_reason
-            if self.tool_mode:
-                content, calls = parse_tool_calls(outcome.text, self.tool_mode)
-                if calls:
-                    message = {"role": "assistant", "content": content, "tool_calls": calls}
-                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": message,
-                "logprobs": self._logprobs(outcome.logprobs),
-                "finish_reason": finish_reason,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": self.echo + outcome.text,
-                      "logprobs": self._logprobs(outcome.logprobs),
-                      "finish_reason": outcome.finish_reason}
-            obj = "text_completion"
+        choices = outcome.choices or [Choice(outcome.text, outcome.finish_reason,
+                                             outcome.logprobs)]
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": outcome.usage()}
+                "choices": [self._whole_choice(i, c) for i, c in enumerate(choices)],
+                "usage": outcome.usage()}
+
+    def _whole_choice(self, index: int, choice: Choice) -> dict[str, Any]:
+        finish_reason = choice.finish_reason
+        if self.kind != "chat":
+            return {"index": index, "text": self.echo + choice.text,
+                    "logprobs": self._logprobs(choice.logprobs), "finish_reason": finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        if self.tool_mode:
+            content, calls = parse_tool_calls(choice.text, self.tool_mode)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        return {"index": index, "message": message, "logprobs": self._logprobs(choice.logprobs),
+                "finish_reason": finish_reason}
 
 
 def dumps(obj: Any) -> bytes:

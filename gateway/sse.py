@@ -194,11 +194,22 @@ def _ending(event: TokenEvent, fmt: OpenAIFormat, prompt_tokens: int) -> list[by
             return [sse_error(event.error or TIMED_OUT_IN_QUEUE, code="queue_timeout",
                               kind="timeout_error"), DONE]
         return [sse_error(event.error or "generation failed"), DONE]
-    parts = [sse_data(chunk) for chunk in fmt.closing_chunks(event.finish_reason or "stop")]
+    parts = [] if fmt.n > 1 else [  # n > 1: each choice's final chunk came with its end
+        sse_data(chunk) for chunk in fmt.closing_chunks(event.finish_reason or "stop")]
     if fmt.include_usage:
         used_prompt = event.prompt_tokens or prompt_tokens
         parts.append(sse_data(fmt.usage_chunk(used_prompt, event.completion_tokens)))
     return [*parts, DONE]
+
+
+def _choice_chunks(event: TokenEvent, fmt: OpenAIFormat) -> list[bytes]:
+    """n > 1: one choice's token event, and its final chunk when it ended that choice."""
+    parts = []
+    if event.text or event.logprobs:
+        parts.append(sse_data(fmt.delta_chunk(event.text, event.logprobs, event.index)))
+    if event.finish_reason:
+        parts.append(sse_data(fmt.final_chunk(event.finish_reason, event.index)))
+    return parts
 
 
 def encode_event(event: TokenEvent, fmt: OpenAIFormat, *, request_id: str,
@@ -206,8 +217,10 @@ def encode_event(event: TokenEvent, fmt: OpenAIFormat, *, request_id: str,
     """The SSE bytes of one event (``b""`` for events a client does not see)."""
     event_id = event.seq if with_id else None
     if event.type == EVENT_TOKEN:
-        if not event.text and not event.logprobs:
+        if not event.text and not event.logprobs and not event.finish_reason:
             return b""
+        if fmt.n > 1:
+            return _block(event_id, *_choice_chunks(event, fmt))
         if fmt.tool_mode and fmt.kind == "chat":
             chunks = fmt.content_chunks(event.text, event.logprobs)
             return _block(event_id, *(sse_data(c) for c in chunks)) if chunks else b""

@@ -31,6 +31,7 @@ from gateway.validate import (
     check_max_tokens_range,
     check_stop_token_ids_count,
     check_supported,
+    choices_count,
     choose_max_tokens,
     completion_prompt,
     logprobs_count,
@@ -117,6 +118,8 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
     params = sampling_params(body, max_tokens=max_tokens, stop=stop,
                              vocab_size=info.vocab_size, defaults=info.generation_defaults)
     params.logprobs = logprobs_count(body, is_chat=chat is not None)
+    params.n = choices_count(body, live=live, num_prompt=len(token_ids), max_tokens=max_tokens,
+                             max_batch_tokens=info.max_batch_tokens)
     params.guided_kind, params.guided_value = guided_spec(body)
     if tools.grammar[0]:
         if params.guided_kind:
@@ -132,7 +135,7 @@ async def prepare(gw: GatewayState, body: GenerationParams, principal: Principal
         gw.metrics.on_throttled("backlog")
         raise
     decision = await gw.limiter.check(principal.owner, principal.rpm, principal.tpm,
-                                      len(token_ids) + max_tokens)
+                                      len(token_ids) + params.n * max_tokens)
     if not decision.allowed:
         gw.metrics.on_throttled("rate_limit")
         raise RateLimitedError(decision.reason, retry_after_s=decision.retry_after_s)

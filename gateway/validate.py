@@ -17,14 +17,16 @@ from shared.settings import Settings
 
 _ROLE_FOR_TEMPLATE = {"developer": "system"}
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
-MAX_TOP_LOGPROBS = 20  # most templates know only the classic roles
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16  # choices per request  # most templates know only the classic roles
 
 
 def check_supported(body: GenerationParams) -> None:
     """Reject OpenAI features this server does not implement, instead of ignoring them."""
-    if body.n is not None and body.n != 1:
-        raise InvalidRequestError("n>1 is not supported" if body.n > 1 else "n must be 1",
-                                  param="n")
+    if body.n is not None and not 1 <= body.n <= MAX_N:
+        raise InvalidRequestError(f"n must be 1 to {MAX_N}, got {body.n}", param="n")
+    if (body.n or 1) > 1 and body.tools and body.tool_choice != "none":
+        raise InvalidRequestError("n>1 with tools is not supported; send n=1", param="n")
     if body.functions:
         raise InvalidRequestError("functions (deprecated) are not supported; send tools",
                                   param="functions")
@@ -32,6 +34,8 @@ def check_supported(body: GenerationParams) -> None:
         raise InvalidRequestError("function_call (deprecated) is not supported; send "
                                   "tool_choice", param="function_call")
     if isinstance(body, CompletionRequest):
+        if body.echo and (body.n or 1) > 1:
+            raise InvalidRequestError("echo with n>1 is not supported", param="echo")
         if body.echo and body.logprobs is not None:
             raise InvalidRequestError("echo with logprobs is not supported (no prompt "
                                       "logprobs); drop one of them", param="echo")
@@ -65,6 +69,25 @@ def logprobs_count(body: GenerationParams, *, is_chat: bool) -> int | None:
         raise InvalidRequestError(f"logprobs must be 0 to {MAX_TOP_LOGPROBS}, got {value}",
                                   param="logprobs")
     return value
+
+
+def choices_count(body: GenerationParams, *, live: bool, num_prompt: int, max_tokens: int,
+                  max_batch_tokens: int) -> int:
+    """``n``: choices of one prompt (prefilled once on the worker). Only live chat and
+    completion requests: a job's record and a batch line hold one text."""
+    n = body.n or 1
+    if n == 1:
+        return 1
+    if not live:
+        raise InvalidRequestError("n>1 is supported on /v1/chat/completions and "
+                                  "/v1/completions, not for jobs or batches", param="n")
+    needed = n * (num_prompt + max_tokens)
+    if 0 < max_batch_tokens < needed:
+        raise InvalidRequestError(
+            f"n={n} choices of prompt + max_tokens ({num_prompt} + {max_tokens}) need {needed} "
+            f"cache tokens; the workers hold at most {max_batch_tokens} per request: lower n "
+            "or max_tokens", param="n")
+    return n
 
 
 def stop_sequences(stop: str | list[str] | None, settings: Settings) -> list[str]:

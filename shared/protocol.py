@@ -56,6 +56,7 @@ class SamplingParams:
     # "regex", "choice" (value: a JSON list of strings), "grammar" (EBNF); "" = none
     guided_kind: str = ""
     guided_value: str = ""
+    n: int = 1  # choices of one prompt (prefilled once)
 
     @property
     def is_greedy(self) -> bool:
@@ -99,6 +100,7 @@ class TokenEvent:
     # per token of ``token_ids``, when the request asked for logprobs:
     # [token text, logprob, [[text, logprob], ...] (the most likely first)]
     logprobs: list[list[Any]] = field(default_factory=list)
+    index: int = 0  # the choice (n > 1); a token event with finish_reason ends that choice
     v: int = PROTOCOL_VERSION
 
     @property
@@ -192,11 +194,14 @@ def _params_from(obj: Any) -> SamplingParams:
         logprobs=_optional_int(obj, "logprobs", what),
         guided_kind=_get(obj, "guided_kind", str, what) if "guided_kind" in obj else "",
         guided_value=_get(obj, "guided_value", str, what) if "guided_value" in obj else "",
+        n=_get(obj, "n", int, what) if "n" in obj else 1,
     )
     if params.max_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1:
         raise ProtocolError(f"{what}: values out of range: {params}")
     if params.repetition_penalty <= 0 or not 0 <= params.min_p <= 1:
         raise ProtocolError(f"{what}: values out of range: {params}")
+    if params.n < 1:
+        raise ProtocolError(f"{what}: n must be >= 1")
     if params.logprobs is not None and params.logprobs < 0:
         raise ProtocolError(f"{what}: logprobs must be >= 0")
     return params
@@ -266,6 +271,7 @@ def _event_from(obj: Any) -> TokenEvent:
         completion_tokens=_get(obj, "completion_tokens", int, what),
         error=error if isinstance(error, str) else None,
         logprobs=_logprob_entries(obj.get("logprobs", []), what),
+        index=_get(obj, "index", int, what) if "index" in obj else 0,
     )
 
 

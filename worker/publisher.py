@@ -153,10 +153,11 @@ class Publisher:
 
     def emit(self, job: InFlight, out: RequestOutput) -> None:
         """Events (and, when finished, the final job state and the ack) for one output."""
-        if out.new_token_ids or out.text_delta:
+        if out.new_token_ids or out.text_delta or out.choice_finish_reason:
             self._event(job, EVENT_TOKEN, text=out.text_delta, token_ids=list(out.new_token_ids),
-                        completion_tokens=out.num_output_tokens, logprobs=out.logprobs)
-            if out.text_delta:
+                        completion_tokens=out.num_output_tokens, logprobs=out.logprobs,
+                        index=out.index, finish_reason=out.choice_finish_reason)
+            if out.text_delta and out.index == 0:  # n > 1: the job's text is choice 0's
                 self.outbox.writes(job).text.append(out.text_delta)
         if out.first_token:
             self._record(self.outbox.writes(job), JobRecord(first_token_at=time.time()))
@@ -206,11 +207,13 @@ class Publisher:
     def _event(self, job: InFlight, kind: str, *, text: str = "",
                token_ids: list[int] | None = None, finish_reason: str | None = None,
                prompt_tokens: int = 0, completion_tokens: int = 0,
-               error: str | None = None, logprobs: list[list[Any]] | None = None) -> None:
+               error: str | None = None, logprobs: list[list[Any]] | None = None,
+               index: int = 0) -> None:
         event = TokenEvent(
             id=job.id, seq=job.take_seq(), type=kind, text=text, token_ids=token_ids or [],
             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, error=error, logprobs=logprobs or [],
+            index=index,
         )
         self.outbox.writes(job).events.append(event)
 

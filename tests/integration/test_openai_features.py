@@ -66,14 +66,17 @@ def test_json_object_and_a_streamed_schema_parse(client: openai.OpenAI) -> None:
     if obj.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(obj.choices[0].message.content or ""), dict)
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
-                                               "score": {"type": "integer"}},
+                                               "score": {"type": "integer", "minimum": 0,
+                                                         "maximum": 10}},
               "required": ["answer", "score"], "additionalProperties": False}
     stream = client.chat.completions.create(
         model=MODEL, max_tokens=60, temperature=0, stream=True,
         messages=[{"role": "user", "content": "Is the sky blue?"}],
         response_format={"type": "json_schema",
                          "json_schema": {"name": "a", "schema": schema, "strict": True}})
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    chunks = [c for c in stream if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop", text
     got = json.loads(text)
     assert got["answer"] in ("yes", "no") and isinstance(got["score"], int)
 
@@ -206,3 +209,26 @@ def test_completion_echo(client: openai.OpenAI) -> None:
     stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
                                        temperature=0, echo=True, stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == done.choices[0].text
+
+
+def test_n_choices_whole_and_streamed(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    done = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=1.0, seed=5,
+                                          n=3, messages=messages)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert all(c.message.content for c in done.choices)
+    assert 3 <= done.usage.completion_tokens <= 24
+    again = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=1.0, seed=5,
+                                           n=3, messages=messages)
+    assert [c.message.content for c in again.choices] == \
+        [c.message.content for c in done.choices]
+    stream = client.completions.create(model=MODEL, prompt="Apples are", max_tokens=6,
+                                       temperature=1.0, seed=2, n=2, stream=True)
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert sorted(texts) == [0, 1] and sorted(finished) == [0, 1]

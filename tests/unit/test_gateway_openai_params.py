@@ -4,16 +4,18 @@ min_p, logprobs; and the 400s that name what to change."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.generation import collect
 from gateway.openai_format import OpenAIFormat, Outcome
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.sse import encode_event
 from gateway.structured import guided_spec
-from gateway.validate import logprobs_count, sampling_params
+from gateway.validate import choices_count, logprobs_count, sampling_params
 from shared.errors import InvalidRequestError
-from shared.protocol import EVENT_TOKEN, TokenEvent, pack_events, unpack_events
+from shared.protocol import EVENT_DONE, EVENT_TOKEN, TokenEvent, pack_events, unpack_events
 
 
 def chat(**fields: object) -> ChatCompletionRequest:
@@ -165,3 +167,43 @@ def test_echo_puts_the_prompt_before_the_completion_whole_and_streamed() -> None
     assert OpenAIFormat(kind="completion", id="c", model="m", created=0).role_chunk() is None
     record = {b"kind": b"completion", b"model": b"m", b"echo": b"Once upon"}
     assert OpenAIFormat.for_job("c", record).echo == "Once upon"
+
+
+def test_choices_count() -> None:
+    assert choices_count(chat(), live=True, num_prompt=5, max_tokens=10,
+                         max_batch_tokens=0) == 1
+    assert choices_count(chat(n=3), live=True, num_prompt=5, max_tokens=10,
+                         max_batch_tokens=100) == 3
+    with pytest.raises(InvalidRequestError, match="not for jobs or batches"):
+        choices_count(chat(n=2), live=False, num_prompt=5, max_tokens=10, max_batch_tokens=0)
+    with pytest.raises(InvalidRequestError, match="need 60 cache tokens"):
+        choices_count(chat(n=4), live=True, num_prompt=5, max_tokens=10, max_batch_tokens=50)
+
+
+async def test_n_choices_are_collected_by_index_and_shown_in_order() -> None:
+    async def events() -> AsyncIterator[TokenEvent]:
+        yield TokenEvent("c", 0, EVENT_TOKEN, text="a", index=0)
+        yield TokenEvent("c", 1, EVENT_TOKEN, text="x", index=1)
+        yield TokenEvent("c", 2, EVENT_TOKEN, text="y", index=1, finish_reason="stop")
+        yield TokenEvent("c", 3, EVENT_TOKEN, text="b", index=0, finish_reason="length")
+        yield TokenEvent("c", 4, EVENT_DONE, finish_reason="length", completion_tokens=4)
+
+    outcome = await collect(events(), 3)
+    body = OpenAIFormat(kind="chat", id="c", model="m", created=0, n=2).response(outcome)
+    assert [(c["index"], c["message"]["content"], c["finish_reason"])
+            for c in body["choices"]] == [(0, "ab", "length"), (1, "xy", "stop")]
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_n_choices_stream_under_their_index_with_their_own_finish() -> None:
+    fmt = OpenAIFormat(kind="completion", id="c", model="m", created=0, n=2)
+    ended = TokenEvent("c", 5, EVENT_TOKEN, text="z", index=1, finish_reason="stop")
+    chunks = [json.loads(line[6:]) for line in
+              encode_event(ended, fmt, request_id="c", prompt_tokens=1).decode().split("\n\n")
+              if line]
+    assert [(c["choices"][0]["index"], c["choices"][0]["text"],
+             c["choices"][0]["finish_reason"]) for c in chunks] == [(1, "z", None),
+                                                                     (1, "", "stop")]
+    done = TokenEvent("c", 6, EVENT_DONE, finish_reason="stop", completion_tokens=2)
+    assert encode_event(done, fmt, request_id="c", prompt_tokens=1).endswith(b"[DONE]\n\n")
+    assert b'"finish_reason"' not in encode_event(done, fmt, request_id="c", prompt_tokens=1)

@@ -77,8 +77,9 @@ def test_chat_messages_flatten_text_parts_and_map_developer() -> None:
 
 
 @pytest.mark.parametrize(("fields", "message"), [
-    ({"n": 2}, "n>1 is not supported"),
-    ({"n": 0}, "n must be 1"),
+    ({"n": 17}, "n must be 1 to 16"),
+    ({"n": 0}, "n must be 1 to 16"),
+    ({"n": 2, "tools": [{"type": "function"}]}, "n>1 with tools"),
     ({"functions": [{"name": "f"}]}, "functions .deprecated. are not supported"),
 ])
 def test_unsupported_features_are_rejected(fields: dict[str, object], message: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from shared.protocol import SamplingParams
+from worker.engine.choices import ChoiceGroups
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
 from worker.engine.grammar import GrammarBackend, GrammarError
 from worker.engine.model_runner import ModelRunner, PrefillChunk
@@ -70,6 +71,7 @@ class LLMEngine:
         self.detoks: dict[str, IncrementalDetokenizer] = {}
         self._aborts: set[str] = set()
         self._early: list[RequestOutput] = []  # rejected at add time, reported next step
+        self.choices = ChoiceGroups(self._abort_member)  # n > 1
         self._steps = 0
 
     # --- the Engine protocol ----------------------------------------------------------------
@@ -94,13 +96,22 @@ class LLMEngine:
                                              error=str(exc),
                                              num_prompt_tokens=seq.num_prompt_tokens))
             return
+        self._track(seq)
+        if seq.params.n > 1:
+            self.choices.add(seq)
+
+    def _track(self, seq: Sequence) -> None:
         self.seqs[seq.id] = seq
         self.detoks[seq.id] = IncrementalDetokenizer(self.decoder, seq.prompt_token_ids,
                                                      seq.params.stop)
 
     def abort_request(self, request_id: str) -> None:
-        if request_id in self.seqs:
-            self._aborts.add(request_id)
+        for seq_id in self.choices.members(request_id) or [request_id]:
+            self._abort_member(seq_id)
+
+    def _abort_member(self, seq_id: str) -> None:
+        if seq_id in self.seqs:
+            self._aborts.add(seq_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.seqs or self._early)
@@ -135,6 +146,12 @@ class LLMEngine:
         return stats
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        if not self.choices.member_of:
+            return outputs
+        return [out for out in map(self.choices.rewrite, outputs) if out is not None]
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._early = self._early, []
         outputs.extend(self._apply_aborts())
         plan = self.scheduler.schedule()
@@ -148,12 +165,35 @@ class LLMEngine:
                           len(plan.decodes) + len(plan.prefills))
             sampled, logits, failed = self._run_isolated(plan)
             outputs.extend(failed)
+        if sampled and self.choices.groups:
+            sampled, logits = self._fork(sampled, logits)
         if sampled:
             tokens, failed = self._sample_isolated(sampled, logits)
             outputs.extend(failed)
             for seq, token, logprobs in tokens:
                 outputs.append(self._postprocess_safely(seq, token, logprobs))
         return outputs
+
+    def _fork(self, sampled: list[Sequence],
+              logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """n > 1: a request whose prompt is now complete forks its other choices (a copy of
+        its KV row each); they are sampled from the same logits row in this step."""
+        order: list[int] = []
+        seqs: list[Sequence] = []
+        for i, seq in enumerate(sampled):
+            order.append(i)
+            seqs.append(seq)
+            if not self.choices.wants_fork(seq):
+                continue
+            for child in self.choices.fork_children(seq):
+                self.cache.fork(seq.id, child.id)
+                self.scheduler.running.append(child)
+                self._track(child)
+                order.append(i)
+                seqs.append(child)
+        if len(seqs) == len(sampled):
+            return sampled, logits
+        return seqs, logits.index_select(0, torch.tensor(order, device=logits.device))
 
     # --- internals --------------------------------------------------------------------------
     def _matcher(self, params: SamplingParams) -> Any:

@@ -87,6 +87,19 @@ class RowKVCache:
         self._row_of[seq_id] = row
         return row
 
+    def fork(self, src_id: str, dst_id: str) -> None:
+        """Give ``dst_id`` a new row holding a copy of ``src_id``'s keys and values (n > 1:
+        the choices of one prompt share its prefill). Capacity is ensured first."""
+        length = self._lengths[self._row_of[src_id]]
+        self.ensure_capacity(self.num_rows + 1, length)
+        row = self.allocate(dst_id)
+        src = self._row_of[src_id]
+        if self.keys and length:
+            for k, v in zip(self.keys, self.values, strict=True):
+                k[row, :, :length] = k[src, :, :length]
+                v[row, :, :length] = v[src, :, :length]
+        self._lengths[row] = length
+
     def free(self, seq_id: str) -> None:
         """Release a row; the last row moves into the hole so rows stay dense."""
         row = self._row_of.pop(seq_id)

@@ -84,10 +84,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.reserved_len = min(seq.num_prompt_tokens + seq.params.max_tokens,
                                self.config.max_context)
-        if seq.reserved_len > self.config.max_batch_tokens:
+        if seq.reserved_len * seq.params.n > self.config.max_batch_tokens:
             raise ValueError(
-                f"request needs {seq.reserved_len} cache tokens, more than max_batch_tokens "
-                f"({self.config.max_batch_tokens})")
+                f"request needs {seq.reserved_len * seq.params.n} cache tokens, more than "
+                f"max_batch_tokens ({self.config.max_batch_tokens})")
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -146,7 +146,7 @@ class Scheduler:
         return length
 
     def _fits(self, seq: Sequence) -> bool:
-        rows = len(self.running) + 1
+        rows = len(self.running) + seq.params.n  # n > 1: its choices fork after the prefill
         if rows > self.config.max_batch_size:
             return False
         longest = max([seq.reserved_len, *(s.reserved_len for s in self.running)])

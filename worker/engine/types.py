@@ -36,6 +36,8 @@ class RequestOutput:
     first_token: bool = False  # this output carries the request's first generated token
     # per new token, when the request asked: [text, logprob, [[text, logprob], ...]]
     logprobs: list[list[Any]] = field(default_factory=list)
+    index: int = 0  # the choice (n > 1)
+    choice_finish_reason: str | None = None  # n > 1: this choice ended (maybe not the rest)
 
 
 @dataclass(slots=True)
