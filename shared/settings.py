@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     served_model_name: str | None = None  # name clients use; default: the model's basename
     model_dir: Path = Field(default_factory=_default_model_dir)  # prepared checkpoints
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quantization: Literal["none", "int8", "nf4"] = "none"
+    quantization: Literal["none", "auto", "int8-torch", "int8", "nf4"] = "none"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = None
     engine: Literal["hf", "null"] = "hf"  # "null": no model, emits dummy tokens (bus bench)

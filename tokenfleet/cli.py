@@ -62,7 +62,12 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     from worker.model_store import resolve_model_path
 
     started = time.monotonic()
-    path = resolve_model_path(load_settings(), prepare=True)
+    settings = load_settings()
+    path = resolve_model_path(settings, prepare=True)
+    if args.quantization != "none":
+        from worker.engine.loader import prepare_quantized
+
+        path = prepare_quantized(settings, args.quantization)
     logger.info("model ready in %.1f s", time.monotonic() - started)
     print(path)
     return 0
@@ -303,11 +308,16 @@ def _add_model_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     model = commands.add_parser("model", help="prepare the model or show where it is",
                                 description="Manage the served model (TOKENFLEET_MODEL).")
     actions = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    actions.add_parser(
+    prepare = actions.add_parser(
         "prepare", help="convert the built-in model to safetensors once; print its path",
         description="Convert the built-in GGUF model into a safetensors checkpoint under "
-        "TOKENFLEET_MODEL_DIR (once) and print its path.",
-    ).set_defaults(func=cmd_model_prepare)
+        "TOKENFLEET_MODEL_DIR (once) and print its path. With --quantization int8-torch, "
+        "also write pre-quantized weights (<model>-int8-torch) that workers with "
+        "TOKENFLEET_QUANTIZATION=int8-torch (or auto choosing it) load without quantizing.",
+    )
+    prepare.add_argument("--quantization", choices=("none", "int8-torch"), default="none",
+                         help="also write pre-quantized weights in this mode")
+    prepare.set_defaults(func=cmd_model_prepare)
     actions.add_parser(
         "path", help="print the model directory a worker would load",
         description="Print the model directory a worker would load; exit 1 if the built-in "
