@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LANES: tuple[str, ...] = ("interactive", "batch")  # read in this order: interactive first
+
+
+def lane_priority(lane: str) -> int:
+    """The engine's priority of a lane's requests: 0 (interactive) first; unknown last."""
+    return LANES.index(lane) if lane in LANES else len(LANES)
 WORKER_GROUP = "workers"
 WEBHOOK_GROUP = "dispatchers"  # consumer group of the webhook dispatchers
 

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = 32768  # KV-cache budget: rows x padded length
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
     max_waiting: int = 16  # requests a worker holds locally beyond the running batch
+    interactive_reserve: int = 4  # batch rows and read slots kept for the interactive lane
     # mixed: prompt chunks beside every step's decodes; phase: prefill-only or decode-only steps
     scheduling: Literal["mixed", "phase"] = "mixed"
     prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
@@ -98,6 +99,12 @@ class Settings(BaseSettings):
     scale_standby_workers: int = 0  # autoscaler: loaded spares waiting to be promoted
     worker_standby: bool = False  # worker: load the model, then wait for SIGUSR1 to serve
 
+    @property
+    def interactive_reserve_rows(self) -> int:
+        """``interactive_reserve``, at most a quarter of ``max_batch_size`` (a small test
+        worker keeps its batch lane)."""
+        return min(self.interactive_reserve, self.max_batch_size // 4)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -111,6 +118,8 @@ class Settings(BaseSettings):
             raise ValueError("TOKENFLEET_COALESCE_MS must be >= 0")
         if self.max_batch_size < 1:
             raise ValueError("TOKENFLEET_MAX_BATCH_SIZE must be >= 1")
+        if self.interactive_reserve < 0:
+            raise ValueError("TOKENFLEET_INTERACTIVE_RESERVE must be >= 0 (0: off)")
         if self.max_prefill_tokens < 16:
             raise ValueError("TOKENFLEET_MAX_PREFILL_TOKENS must be >= 16")
         for name in ("auth_cache_s", "gateway_drain_timeout_s", "gateway_shutdown_delay_s"):

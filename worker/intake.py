@@ -20,7 +20,7 @@ import redis
 
 from shared.errors import ProtocolError
 from shared.job_record import BEGIN_ATTEMPT_LUA
-from shared.keys import Keys
+from shared.keys import Keys, lane_priority
 from shared.protocol import GenerateRequest, unpack_request
 from worker.engine.types import Engine, EngineRequest
 from worker.publisher import InFlight, Publisher
@@ -181,7 +181,8 @@ class Intake:
             self.publisher.finish(job, "timeout", error=TIMED_OUT_IN_QUEUE)
             return 0
         engine_request = EngineRequest(request.id, request.prompt_token_ids, request.params,
-                                       arrival_time=time.monotonic())
+                                       arrival_time=time.monotonic(),
+                                       priority=lane_priority(request.lane))
         try:
             self.engine.add_request(engine_request)
         except ValueError as exc:

@@ -5,7 +5,9 @@ Two kinds of read:
   only with the capacity the lanes before it left over, so a worker never takes more
   entries than it asked for and interactive requests go first. Every few reads where the
   interactive lane used up all the capacity, the other lanes get first pick of a small
-  share, so the batch lane still moves under a steady interactive load.
+  share, so the batch lane still moves under a steady interactive load. The later lanes
+  never take the last ``reserve`` slots (``TOKENFLEET_INTERACTIVE_RESERVE``): a worker
+  filled by a batch job still has room to read an interactive request at once.
 - ``wait(block_ms)``: a blocking ``XREADGROUP`` over all lanes with ``COUNT 1``, used by an
   idle worker to learn that something arrived (at most one entry per lane).
 """
@@ -79,15 +81,17 @@ def entries_from_xread(result: list[Any]) -> list[StreamEntry]:
 class LanePlanner:
     """Which lane picks first and how much each may take; no I/O."""
 
-    def __init__(self, streams: list[str]) -> None:
+    def __init__(self, streams: list[str], reserve: int = 0) -> None:
         self.streams = streams
+        self.reserve = reserve  # read slots that only the first lane may fill
         self.num_starved_reads = 0
 
     def plan(self, count: int) -> list[tuple[str, int]]:
         if len(self.streams) > 1 and self.num_starved_reads >= STARVED_READS_BEFORE_SHARE:
             share = max(1, count // LOW_LANE_SHARE)
             return [(s, share) for s in self.streams[1:]] + [(self.streams[0], count)]
-        return [(s, count) for s in self.streams]
+        later = max(0, count - self.reserve)  # a worker full of batch work can still read
+        return [(self.streams[0], count)] + [(s, later) for s in self.streams[1:]]
 
     def record(self, plan: list[tuple[str, int]], count: int, entries: list[StreamEntry]) -> None:
         """Count reads where the first lane took everything and later lanes got no turn."""
@@ -102,11 +106,11 @@ class LanePlanner:
 
 class StreamReader:
     def __init__(self, client: redis.Redis, keys: Keys, model: str, consumer: str,
-                 lanes: tuple[str, ...] = LANES) -> None:
+                 lanes: tuple[str, ...] = LANES, reserve: int = 0) -> None:
         self.client = client
         self.consumer = consumer
         self.streams = [keys.requests_stream(model, lane) for lane in lanes]
-        self.planner = LanePlanner(self.streams)
+        self.planner = LanePlanner(self.streams, reserve)
         self._read_lanes = client.register_script(_READ_LANES_LUA)
 
     def ensure_groups(self) -> None:

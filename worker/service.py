@@ -122,7 +122,8 @@ class WorkerService:
         self.shutdown = shutdown or ShutdownSignal()
         self.keys = Keys(settings.key_prefix)
         worker_id = status.worker_id
-        self.reader = StreamReader(self.client, self.keys, model_info.name, worker_id)
+        self.reader = StreamReader(self.client, self.keys, model_info.name, worker_id,
+                                   reserve=settings.interactive_reserve_rows)
         self.reclaimer = Reclaimer(self.client, self.keys, self.reader.streams, worker_id,
                                    settings.claim_idle_ms)
         self.publisher = Publisher(self.keys, model_info.name, worker_id,

@@ -204,3 +204,51 @@ def test_the_setting_reaches_the_engine_config_and_refuses_other_values(
     monkeypatch.setenv("TOKENFLEET_SCHEDULING", "fifo")
     with pytest.raises(ValidationError, match="mixed"):
         Settings()
+
+
+def _lane_seq(name: str, priority: int, prompt_len: int = 10) -> Sequence:
+    s = seq(name, prompt_len)
+    s.priority = priority
+    return s
+
+
+def test_batch_lane_leaves_the_reserved_rows_to_interactive_requests() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=6, max_batch_tokens=10_000,
+                                  max_prefill_tokens=1000, max_context=512, reserve_rows=2))
+    for i in range(8):
+        s.add(_lane_seq(f"b{i}", 1))
+    out = s.schedule()
+    assert [q.id for q in out.admitted] == ["b0", "b1", "b2", "b3"]  # 6 rows - 2 reserved
+    finish_prefill(out.prefills, s)
+    s.add(_lane_seq("i0", 0))
+    s.add(_lane_seq("i1", 0))
+    s.add(_lane_seq("i2", 0))
+    assert [q.id for q in s.waiting][:3] == ["i0", "i1", "i2"]  # ahead of waiting batch ones
+    out = s.schedule()
+    assert [q.id for q in out.admitted] == ["i0", "i1"]  # at once: the reserve was free
+    assert len(out.decodes) == 4  # the batch rows keep decoding beside them
+    assert s.waiting[0].id == "i2"  # the batch is full now; i2 is next, before b4
+
+
+def test_reserve_also_holds_back_the_token_budget_for_the_batch_lane() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=64, max_batch_tokens=500,
+                                  max_prefill_tokens=1000, max_context=512, reserve_rows=2))
+    for i in range(6):
+        s.add(_lane_seq(f"b{i}", 1, prompt_len=34))  # reservation 50 each
+    assert [q.id for q in s.schedule().admitted] == [f"b{i}" for i in range(6)]
+    # 6 + 1 + 2 reserved rows x 50 = 450 <= 500, but 7 + 1 + 2 = 10 x 50 = 500 is the limit
+    s.add(_lane_seq("b6", 1, prompt_len=34))
+    s.add(_lane_seq("b7", 1, prompt_len=34))
+    assert [q.id for q in s.schedule().admitted] == ["b6", "b7"]
+    s.add(_lane_seq("b8", 1, prompt_len=34))
+    assert s.schedule().admitted == []  # 9 + 2 reserved rows x 50 > 500
+    s.add(_lane_seq("i0", 0, prompt_len=34))
+    assert [q.id for q in s.schedule().admitted] == ["i0"]  # 9 x 50 <= 500
+
+
+def test_without_a_reserve_priorities_only_order_the_queue() -> None:
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_batch_tokens=10_000,
+                                  max_prefill_tokens=1000, max_context=512))
+    for name, priority in (("b0", 1), ("i0", 0), ("b1", 1), ("i1", 0)):
+        s.add(_lane_seq(name, priority))
+    assert [q.id for q in s.schedule().admitted] == ["i0", "i1", "b0"]

@@ -63,6 +63,19 @@ def test_lane_planner_gives_the_batch_lane_a_share_after_starved_reads() -> None
     assert planner.plan(8) == [("hi", 8), ("lo", 8)]
 
 
+def test_lane_planner_keeps_the_reserve_for_the_first_lane() -> None:
+    planner = LanePlanner(["hi", "lo"], reserve=4)
+    assert planner.plan(10) == [("hi", 10), ("lo", 6)]
+    assert planner.plan(3) == [("hi", 3), ("lo", 0)]  # a worker full of batch work
+
+
+def test_lane_priorities_put_interactive_first() -> None:
+    from shared.keys import LANES, lane_priority
+
+    assert [lane_priority(lane) for lane in LANES] == [0, 1]
+    assert lane_priority("unknown") == len(LANES)
+
+
 def test_backoff_doubles_up_to_the_cap_and_resets() -> None:
     backoff = Backoff()
     delays = [backoff.next_delay_s() for _ in range(8)]
@@ -91,3 +104,12 @@ def test_worker_status_reports_kv_use() -> None:
     mapping = status.to_mapping()
     assert (mapping["batch_size"], mapping["waiting"]) == ("2", "1")
     assert (mapping["kv_tokens_used"], mapping["kv_tokens_budget"]) == ("40", "512")
+
+
+def test_the_reserve_is_at_most_a_quarter_of_the_batch() -> None:
+    from shared.settings import Settings
+
+    assert Settings(interactive_reserve=4, max_batch_size=64).interactive_reserve_rows == 4
+    assert Settings(interactive_reserve=4, max_batch_size=8).interactive_reserve_rows == 2
+    assert Settings(interactive_reserve=4, max_batch_size=2).interactive_reserve_rows == 0
+    assert Settings(interactive_reserve=0).interactive_reserve_rows == 0

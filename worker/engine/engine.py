@@ -43,6 +43,7 @@ class EngineConfig:
     prefix_block_size: int = 16
     eos_token_ids: tuple[int, ...] = ()
     scheduling: SchedulingPolicy = "mixed"  # see worker/engine/scheduler.py
+    reserve_rows: int = 0  # rows only priority-0 requests may take (SchedulerConfig)
 
 
 class LLMEngine:
@@ -60,6 +61,7 @@ class LLMEngine:
             max_prefill_tokens=config.max_prefill_tokens,
             max_context=runner.max_context,
             policy=config.scheduling,
+            reserve_rows=config.reserve_rows,
         ), on_admit=self._admit)
         self.prefix: PrefixCache | None = None
         if config.prefix_cache_tokens >= config.prefix_block_size:
@@ -85,7 +87,7 @@ class LLMEngine:
                 num_prompt_tokens=len(request.prompt_token_ids)))
             return
         seq = Sequence(request.id, list(request.prompt_token_ids), request.params,
-                       request.arrival_time)
+                       request.arrival_time, request.priority)
         try:
             seq.matcher = self._matcher(request.params)
             if request.params.seed is not None and not request.params.is_greedy:

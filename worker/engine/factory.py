@@ -65,6 +65,7 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         eos_token_ids=tuple(eos),
         scheduling=settings.scheduling,
+        reserve_rows=settings.interactive_reserve_rows,
     )
 
 

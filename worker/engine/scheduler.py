@@ -10,8 +10,11 @@ Policy, no tensors and no I/O (vLLM's ``schedule()`` / ``update`` contract):
 - a waiting sequence is admitted only while the batch stays within ``max_batch_size`` rows
   and ``rows x longest reservation <= max_batch_tokens`` (a reservation is prompt +
   max_tokens, capped at the context). Reserving up front means a running sequence never
-  has to be preempted. The queue is first-come first-served: a request that does not fit
-  waits at the head until the batch drains enough for it.
+  has to be preempted. The queue is first-come first-served within a priority (the lane:
+  interactive before batch): a request that does not fit waits at the head until the batch
+  drains enough for it. Batch-lane sequences leave ``reserve_rows`` rows (at the current
+  longest reservation) free, so an interactive request that arrives while a batch job fills
+  the worker is admitted at the next step instead of waiting for a batch row to finish.
 
 Two policies (``SchedulerConfig.policy``, ``TOKENFLEET_SCHEDULING``):
 - ``mixed`` (chunked prefill, as vLLM v1 and Sarathi-Serve): every step decodes every
@@ -43,6 +46,9 @@ class SchedulerConfig:
     max_prefill_tokens: int = 512
     max_context: int = 2048
     policy: SchedulingPolicy = "mixed"
+    # rows (and their share of max_batch_tokens) that only priority-0 (interactive)
+    # sequences may take, so one arriving during a batch job starts at the next step
+    reserve_rows: int = 0
 
 
 @dataclass(slots=True)
@@ -88,7 +94,11 @@ class Scheduler:
             raise ValueError(
                 f"request needs {seq.reserved_len * seq.params.n} cache tokens, more than "
                 f"max_batch_tokens ({self.config.max_batch_tokens})")
-        self.waiting.append(seq)
+        # by priority, then arrival: an interactive request overtakes waiting batch ones
+        index = len(self.waiting)
+        while index > 0 and self.waiting[index - 1].priority > seq.priority:
+            index -= 1
+        self.waiting.insert(index, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out wherever it is (finished or aborted)."""
@@ -147,6 +157,8 @@ class Scheduler:
 
     def _fits(self, seq: Sequence) -> bool:
         rows = len(self.running) + seq.params.n  # n > 1: its choices fork after the prefill
+        if seq.priority > 0:  # leave the reserve free for interactive arrivals
+            rows += min(self.config.reserve_rows, self.config.max_batch_size - 1)
         if rows > self.config.max_batch_size:
             return False
         longest = max([seq.reserved_len, *(s.reserved_len for s in self.running)])

@@ -51,6 +51,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0
+    priority: int = 0  # 0 first; see Scheduler.add and SchedulerConfig.reserve_rows
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached: int = 0

@@ -19,6 +19,7 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = 0.0  # time.monotonic() when it reached the engine
+    priority: int = 0  # 0 = the interactive lane; larger = later (the batch lane is 1)
 
 
 @dataclass(slots=True)
