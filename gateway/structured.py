@@ -81,6 +81,9 @@ def _schema_text(schema: Any, param: str) -> str:
         where = "/".join(str(p) for p in exc.path) or "(root)"
         raise InvalidRequestError(f"{param} is not a valid JSON Schema at {where}: "
                                   f"{exc.message}", param=param) from None
+    except Exception as exc:  # e.g. an unhashable $schema, or nesting past the recursion limit
+        raise InvalidRequestError(f"{param} is not a valid JSON Schema: "
+                                  f"{type(exc).__name__}: {exc}", param=param) from None
     return _sized(json.dumps(schema, separators=(",", ":")), param)
 
 
@@ -94,7 +97,7 @@ def _parse_json(text: str, param: str) -> Any:
 def _regex(pattern: str) -> str:
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise InvalidRequestError(f"guided_regex is not a valid regular expression: {exc}",
                                   param="guided_regex") from None
     return _sized(pattern, "guided_regex")

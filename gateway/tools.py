@@ -65,7 +65,8 @@ def plan_tools(tools: list[Any] | None, tool_choice: str | dict[str, Any] | None
     if tool_choice == "required":
         return ToolPlan(tools=list(tools), mode=MODE_JSON, grammar=tool_grammar(functions))
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        function = tool_choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if tool_choice.get("type") != "function" or not isinstance(name, str):
             raise InvalidRequestError(
                 'tool_choice must be "none", "auto", "required" or {"type": "function", '

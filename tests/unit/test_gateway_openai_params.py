@@ -207,3 +207,9 @@ def test_n_choices_stream_under_their_index_with_their_own_finish() -> None:
     done = TokenEvent("c", 6, EVENT_DONE, finish_reason="stop", completion_tokens=2)
     assert encode_event(done, fmt, request_id="c", prompt_tokens=1).endswith(b"[DONE]\n\n")
     assert b'"finish_reason"' not in encode_event(done, fmt, request_id="c", prompt_tokens=1)
+
+
+@pytest.mark.parametrize("schema", [{"$schema": []}, {"type": "object", "$schema": {"a": 1}}])
+def test_odd_schemas_are_400s_not_500s(schema: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequestError, match="not a valid JSON Schema"):
+        guided_spec(chat(guided_json=schema))

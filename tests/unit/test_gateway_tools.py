@@ -116,3 +116,8 @@ def test_chat_format_with_tools_whole_and_streamed() -> None:
     plain = OpenAIFormat(kind="chat", id="c", model="m", created=0)
     assert plain.response(Outcome(text, "stop", 5, 9))["choices"][0]["message"]["content"] \
         == text
+
+
+def test_a_tool_choice_with_an_odd_function_is_a_400() -> None:
+    with pytest.raises(InvalidRequestError, match="tool_choice must be"):
+        plan_tools([WEATHER], {"type": "function", "function": ["get_weather"]})
