@@ -29,7 +29,8 @@ from shared.settings import Settings
 DEFAULT_SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
 BATCH_SYSTEMS = ("batch", "batch-rss")  # offline batches (bench/batch_bench.py); not default
 FEATURE_SYSTEMS = ("features",)  # OpenAI features' cost (bench/features.py); not default
-SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS + FEATURE_SYSTEMS
+QUANT_SYSTEMS = ("quant",)  # quantization modes (bench/quant.py); not default
+SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS + FEATURE_SYSTEMS + QUANT_SYSTEMS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 QUICK_MAX_TOKENS = 8
 DEFAULT_PREFIX_CACHE_TOKENS = 8192  # --prefix-cache on when the settings turn it off
@@ -44,11 +45,16 @@ SCHEDULING_POLICIES: tuple[str, ...] = get_args(Settings.model_fields["schedulin
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (default: "
-                        "all but " + ", ".join(BATCH_SYSTEMS + FEATURE_SYSTEMS) + ")")
+                        "all but " + ", ".join(BATCH_SYSTEMS + FEATURE_SYSTEMS + QUANT_SYSTEMS)
+                        + ")")
     parser.add_argument("--features", default=DEFAULT_FEATURES,
                         help="the features system: comma-separated feature sets, each run "
                         "on every request (" + ", ".join(FEATURE_SETS) + "); none is always "
                         "run as the reference")
+    parser.add_argument("--quant-modes", default="none,none-float32,int8-torch,nf4,int8",
+                        help="the quant system: quantization modes to measure, the first "
+                        "is the greedy-agreement reference (none-float32: no quantization "
+                        "in float32)")
     parser.add_argument("--features-concurrency", type=int, default=32, metavar="N",
                         help="clients of the features system")
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed")
@@ -383,6 +389,9 @@ class Bench:
         if "features" in self.systems:
             from bench.features import run_features
             run_features(self)
+        if "quant" in self.systems:
+            from bench.quant import run_quant
+            run_quant(self)
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)

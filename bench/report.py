@@ -109,6 +109,8 @@ def markdown(result: dict[str, Any]) -> str:
     if notes:
         lines += ["", *notes]
     lines += _cpu_table(result["runs"])
+    if meta.get("quantization_table"):
+        lines += ["", "Quantization modes (`quant`):", "", meta["quantization_table"]]
     lines += _targets(result.get("targets") or [])
     return "\n".join(lines) + "\n"
 
