@@ -40,6 +40,7 @@ log = logging.getLogger("bench")
 
 System = Callable[[Any, Load], RunResult]
 SCHEDULING_POLICIES: tuple[str, ...] = get_args(Settings.model_fields["scheduling"].annotation)
+SPECULATIVE_METHODS: tuple[str, ...] = get_args(Settings.model_fields["speculative"].annotation)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "and/or off, rows engine[cache-on], engine[cache-off]... (alternating "
                         "at each load point); default: on,off for --workload shared-prefix, "
                         "else TOKENFLEET_PREFIX_CACHE_TOKENS only")
+    parser.add_argument("--speculative", default="",
+                        help="comma-separated speculative methods (off, ngram): the engine "
+                        "runs once per method, rows engine[spec=off], engine[spec=ngram] "
+                        "(alternating at each load point, same requests); default: "
+                        "TOKENFLEET_SPECULATIVE only")
     parser.add_argument("--mode", choices=("closed", "open"), default="closed",
                         help="closed: N clients back to back; open: Poisson arrivals at --rate")
     parser.add_argument("--rate", default="4",
@@ -147,6 +153,11 @@ class Bench:
         if (set(self.prefix_modes) - {"on", "off"}
                 or len(set(self.prefix_modes)) != len(self.prefix_modes)):
             raise SystemExit(f"--prefix-cache takes on, off or on,off; got {args.prefix_cache!r}")
+        self.speculative = [p.strip() for p in args.speculative.split(",") if p.strip()]
+        if (set(self.speculative) - set(SPECULATIVE_METHODS)
+                or len(set(self.speculative)) != len(self.speculative)):
+            raise SystemExit(f"--speculative takes distinct methods among "
+                             f"{', '.join(SPECULATIVE_METHODS)}; got {args.speculative!r}")
         self.runs: list[dict[str, Any]] = []
         self.meta: dict[str, Any] = {"system_notes": {}}
 
@@ -278,14 +289,20 @@ class Bench:
             if notes:
                 self.describe(system, f"the engine in-process with {', '.join(notes)}; "
                               "variants alternate at each load point")
+        specs: list[str | None] = list(self.speculative) or [None]
+        runs = [(system if spec is None else
+                 (f"{system[:-1]},spec={spec}]" if system.endswith("]")
+                  else f"{system}[spec={spec}]"), policy, cache, spec)
+                for system, policy, cache in rows for spec in specs]
         for i, point in enumerate(self.points("engine")):
-            for system, policy, cache in rows if i % 2 == 0 else rows[::-1]:
+            for system, policy, cache, spec in runs if i % 2 == 0 else runs[::-1]:
                 try:
-                    if cache is None:
-                        result = inprocess.run_engine(bundle, self.load(*point), policy)
-                    else:
-                        result = inprocess.run_engine(bundle, self.load(*point), policy,
-                                                      prefix_cache=cache)
+                    kw: dict[str, Any] = {}
+                    if cache is not None:
+                        kw["prefix_cache"] = cache
+                    if spec is not None:
+                        kw["speculative"] = spec
+                    result = inprocess.run_engine(bundle, self.load(*point), policy, **kw)
                     self.record(system, point, result)
                 except Exception as exc:
                     self.failed(system, point, exc)

@@ -24,6 +24,7 @@ from worker.engine.factory import engine_config, eos_token_ids, warm_up
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
 from worker.engine.scheduler import SchedulingPolicy
+from worker.engine.speculative import SpeculativeMethod
 from worker.engine.types import EngineRequest
 
 DEFAULT_PREFIX_CACHE_TOKENS = 8192  # "on" when the settings turn the cache off
@@ -39,11 +40,13 @@ class Bundle:
     engines: dict[str, LLMEngine] = field(default_factory=dict)  # per scheduling policy
 
     def engine_for(self, policy: SchedulingPolicy | None,
-                   prefix_cache: bool | None = None) -> LLMEngine:
+                   prefix_cache: bool | None = None,
+                   speculative: SpeculativeMethod | None = None) -> LLMEngine:
         """The engine with that scheduling policy (None: the settings' one) and prefix cache
         (on: the settings' size, or 8192 tokens if that is 0; off; None: the settings'), over
         the same warmed-up model runner (one engine steps at a time, so they share its cache).
-        A prefix-cache engine starts each run with an empty pool (``run_engine``)."""
+        A prefix-cache engine starts each run with an empty pool (``run_engine``).
+        ``speculative``: the speculative method (None: the settings')."""
         config = self.engine.config
         if policy is not None:
             config = replace(config, scheduling=policy)
@@ -51,9 +54,12 @@ class Bundle:
             tokens = (config.prefix_cache_tokens or DEFAULT_PREFIX_CACHE_TOKENS
                       if prefix_cache else 0)
             config = replace(config, prefix_cache_tokens=tokens)
+        if speculative is not None:
+            config = replace(config, speculative=replace(config.speculative,
+                                                         method=speculative))
         if config == self.engine.config:
             return self.engine
-        key = f"{config.scheduling}/{config.prefix_cache_tokens}"
+        key = f"{config.scheduling}/{config.prefix_cache_tokens}/{config.speculative.method}"
         if key not in self.engines:
             self.engines[key] = LLMEngine(self.engine.runner, self.engine.decoder, config)
         return self.engines[key]
@@ -93,12 +99,14 @@ def greedy_exact(max_tokens: int) -> SamplingParams:
 
 
 def run_engine(bundle: Bundle, load: Load, policy: SchedulingPolicy | None = None,
-               prefix_cache: bool | None = None) -> RunResult:
+               prefix_cache: bool | None = None,
+               speculative: SpeculativeMethod | None = None) -> RunResult:
     """Drive ``LLMEngine`` with ``add_request``/``step``. The mean batch is the running count
     averaged over the steps (the rows that finished in a step count as running in it).
     ``policy``: the scheduling policy (None: the settings' one); ``prefix_cache``: on, off
-    or None (the settings'). The prefix cache starts empty: the first requests miss."""
-    engine = bundle.engine_for(policy, prefix_cache)
+    or None (the settings'). The prefix cache starts empty: the first requests miss.
+    ``speculative``: the speculative method (None: the settings')."""
+    engine = bundle.engine_for(policy, prefix_cache, speculative)
     if engine.prefix is not None:
         engine.prefix.clear()
     records: dict[str, RequestRecord] = {}

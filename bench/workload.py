@@ -40,7 +40,24 @@ SYSTEM_PROMPT = (
     "to beginners, and when a customer sounds unsure, offer one simple next step they can "
     "take today. Returns are accepted within sixty days with a receipt."
 )
-WORKLOADS = ("mixed", "uniform", "shared-prefix")
+# copy: the answer repeats the prompt (what prompt-lookup speculative decoding is for)
+COPY_INSTRUCTION = "Repeat the following text exactly, with no other words:\n\n"
+COPY_TEXTS = (
+    "The old lighthouse stood at the edge of the cliff for more than a hundred years. Every "
+    "night its keeper climbed the narrow stairs, trimmed the wick and cleaned the great lens, "
+    "so that the ships passing in the dark would know where the rocks were hidden.",
+    "To bake a simple loaf of bread, mix flour, water, salt and yeast in a large bowl. Knead "
+    "the dough for ten minutes, let it rise in a warm place for an hour, shape it, let it rise "
+    "again, and bake it in a hot oven until the crust is golden brown.",
+    "The committee met on Tuesday to discuss the budget for the coming year. After a long "
+    "debate, the members agreed to spend more on the library and the park, and less on new "
+    "office furniture, and they asked the treasurer to prepare a revised plan by Friday.",
+    "A river begins as rain falling on hills and mountains. The water gathers in small streams, "
+    "the streams join into larger ones, and the river grows as it flows down towards the sea, "
+    "carrying sand and stones that slowly shape the valley it passes through.",
+)
+COPY_MAX_TOKENS = 96
+WORKLOADS = ("mixed", "uniform", "shared-prefix", "copy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +82,8 @@ def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
                   ) -> list[BenchRequest]:
     """``count`` requests; ``mixed`` cycles max_tokens 16, 256, 32, 128, 64, 16, 32, 64;
     ``uniform`` asks 64 each; ``shared-prefix`` puts the same ~200-token system prompt
-    before every question and asks 32 tokens (prefill-heavy: what prefix caching is for)."""
+    before every question and asks 32 tokens (prefill-heavy: what prefix caching is for);
+    ``copy`` asks to repeat a paragraph (``COPY_MAX_TOKENS`` each)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     out = []
@@ -75,11 +93,15 @@ def make_requests(workload: str, count: int, max_tokens_cap: int | None = None,
             budget = MIXED_MAX_TOKENS[i % len(MIXED_MAX_TOKENS)]
         elif workload == "shared-prefix":
             budget = SHARED_PREFIX_MAX_TOKENS
+        elif workload == "copy":
+            budget = COPY_MAX_TOKENS
         else:
             budget = UNIFORM_MAX_TOKENS
         if max_tokens_cap:
             budget = min(budget, max_tokens_cap)
-        out.append(BenchRequest(i, PROMPTS[i % len(PROMPTS)], budget, system))
+        text = (COPY_INSTRUCTION + COPY_TEXTS[i % len(COPY_TEXTS)] if workload == "copy"
+                else PROMPTS[i % len(PROMPTS)])
+        out.append(BenchRequest(i, text, budget, system))
     return out
 
 

@@ -62,6 +62,8 @@ class GenerationParams(_Strict):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(default=False, description="extension")
     min_tokens: int = Field(default=0, ge=0, le=MAX_INT32, description="extension")
+    speculative: bool = Field(default=True, description="extension: false opts this "
+                              "request out of the worker's speculative decoding")
     n: int | None = None
     logprobs: bool | int | None = None
     top_logprobs: int | None = None

@@ -302,6 +302,7 @@ def sampling_params(body: GenerationParams, *, max_tokens: int, stop: list[str],
         repetition_penalty=float(_first(body.repetition_penalty, base.repetition_penalty)),
         logit_bias=bias,
         min_p=float(body.min_p or 0.0),
+        speculative=body.speculative,
     )
 
 

@@ -57,6 +57,7 @@ class SamplingParams:
     guided_kind: str = ""
     guided_value: str = ""
     n: int = 1  # choices of one prompt (prefilled once)
+    speculative: bool = True  # False: this request opts out of speculative decoding
 
     @property
     def is_greedy(self) -> bool:
@@ -195,6 +196,7 @@ def _params_from(obj: Any) -> SamplingParams:
         guided_kind=_get(obj, "guided_kind", str, what) if "guided_kind" in obj else "",
         guided_value=_get(obj, "guided_value", str, what) if "guided_value" in obj else "",
         n=_get(obj, "n", int, what) if "n" in obj else 1,
+        speculative=bool(obj.get("speculative", True)),
     )
     if params.max_tokens < 1 or params.temperature < 0 or not 0 < params.top_p <= 1:
         raise ProtocolError(f"{what}: values out of range: {params}")

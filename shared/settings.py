@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     # mixed: prompt chunks beside every step's decodes; phase: prefill-only or decode-only steps
     scheduling: Literal["mixed", "phase"] = "mixed"
     prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
+    # speculative decoding: off, or ngram (prompt lookup: proposals from the request's own text)
+    speculative: Literal["off", "ngram"] = "off"
+    speculative_tokens: int = Field(default=4, ge=1, le=16)  # k: most tokens proposed a step
+    speculative_ngram: int = Field(default=3, ge=1, le=8)  # longest suffix matched (down to 1)
+    speculative_max_rows: int = Field(default=4, ge=0)  # speculate only while <= this decode
 
     # --- Request limits ----------------------------------------------------------------
     default_max_tokens: int = 256

@@ -43,6 +43,8 @@ class WorkerStatus:
     prefix_cache_misses: int = 0  # requests that found none (cumulative)
     prefix_cache_hit_tokens: int = 0  # prompt tokens copied instead of prefilled (cumulative)
     prefix_cache_tokens: int = 0  # tokens the prefix pool holds now
+    spec_proposed: int = 0  # speculative decoding: proposed tokens verified (since start)
+    spec_accepted: int = 0  # of those, accepted
     started_at: float = field(default_factory=time.time)
 
     def update(self, stats: EngineStats) -> None:
@@ -55,6 +57,8 @@ class WorkerStatus:
         self.prefix_cache_misses = stats.prefix_cache_misses
         self.prefix_cache_hit_tokens = stats.prefix_cache_hit_tokens
         self.prefix_cache_tokens = stats.prefix_cache_tokens
+        self.spec_proposed = stats.spec_proposed
+        self.spec_accepted = stats.spec_accepted
 
     def to_mapping(self) -> dict[str, str]:
         return {
@@ -70,6 +74,8 @@ class WorkerStatus:
             "prefix_cache_misses": str(self.prefix_cache_misses),
             "prefix_cache_hit_tokens": str(self.prefix_cache_hit_tokens),
             "prefix_cache_tokens": str(self.prefix_cache_tokens),
+            "spec_proposed": str(self.spec_proposed),
+            "spec_accepted": str(self.spec_accepted),
             "warm": "1" if self.is_warm else "0",
             "started_at": f"{self.started_at:.3f}",
             "state": self.state,

@@ -105,6 +105,13 @@ class WorkerMetrics:
                                      "Entries this worker moved to the dead-letter stream", m,
                                      registry=r)
         self.steps = Counter(f"{PREFIX}engine_steps", "Engine steps run", m, registry=r)
+        self.spec_proposed = Counter(f"{PREFIX}spec_decode_num_draft_tokens",
+                                     "Speculative decoding: proposed tokens verified", m,
+                                     registry=r)
+        self.spec_accepted = Counter(f"{PREFIX}spec_decode_num_accepted_tokens",
+                                     "Speculative decoding: proposed tokens accepted", m,
+                                     registry=r)
+        self._spec_seen = (0, 0)  # the engine's cumulative counts already added
         self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
                               "From acceptance at the gateway to the first token", m,
                               buckets=TTFT_BUCKETS_S, registry=r)
@@ -132,7 +139,8 @@ class WorkerMetrics:
         for reason in FINISH_REASONS:  # every series exists from the start (0, not absent)
             self.finished.labels(self.model, reason)
         for counter in (self.prompt_tokens, self.gen_tokens, self.reclaimed,
-                        self.dead_lettered, self.steps, self.prefix_queries, self.prefix_hits):
+                        self.dead_lettered, self.steps, self.prefix_queries, self.prefix_hits,
+                        self.spec_proposed, self.spec_accepted):
             counter.labels(self.model)
         for outcome in ("hit", "miss"):
             self.prefix_requests.labels(self.model, outcome)
@@ -241,6 +249,11 @@ class WorkerMetrics:
                 counter.inc(now - before)
         self.prefix_cached.labels(self.model).set(stats.prefix_cache_tokens)
         self._prefix_seen = stats
+        proposed, accepted = self._spec_seen
+        if stats.spec_proposed > proposed:
+            self.spec_proposed.labels(self.model).inc(stats.spec_proposed - proposed)
+            self.spec_accepted.labels(self.model).inc(max(0, stats.spec_accepted - accepted))
+            self._spec_seen = (stats.spec_proposed, stats.spec_accepted)
 
     def on_finished(self, request_id: str, finish_reason: str, *, num_output_tokens: int,
                     num_prompt_tokens: int, lane: str = "") -> None:

@@ -272,3 +272,34 @@ def test_run_engine_with_the_prefix_cache_on_and_off() -> None:
         assert sorted(r.output_tokens for r in result.records) == [4] * 6
     assert on.stats().prefix_cache_hits >= 4  # the first two (in one step) miss
     assert off.stats().prefix_cache_hits == 0
+
+
+def test_speculative_methods_run_as_rows_on_the_same_requests(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import inprocess
+    from bench.metrics import RequestRecord, RunResult
+
+    calls: list[tuple[str | None, list[int]]] = []
+
+    def fake_run(bundle: object, load: ClosedLoop, policy: str | None = None,
+                 **kw: object) -> RunResult:
+        calls.append((kw.get("speculative"), [r.index for q in load.per_client for r in q]))
+        return RunResult([RequestRecord(0.0, 2, 0.1, 0.2, [0.1, 0.2])], 1.0)
+
+    monkeypatch.setattr(inprocess, "run_engine", fake_run)
+    bench = _bench("--speculative", "off,ngram", "--concurrency", "1,2", "--workload", "copy")
+    bench.run_engine_policies(bundle=None)
+    assert [c[0] for c in calls] == ["off", "ngram", "ngram", "off"]
+    assert calls[0][1] == calls[1][1]
+    assert [r["system"] for r in bench.runs][:2] == ["engine[spec=off]", "engine[spec=ngram]"]
+    with pytest.raises(SystemExit, match="--speculative"):
+        _bench("--speculative", "draft")
+
+
+def test_copy_workload_repeats_a_paragraph() -> None:
+    from bench.workload import COPY_INSTRUCTION, COPY_MAX_TOKENS, make_requests
+
+    reqs = make_requests("copy", 5)
+    assert all(r.prompt.startswith(COPY_INSTRUCTION) for r in reqs)
+    assert all(r.max_tokens == COPY_MAX_TOKENS for r in reqs)
+    assert reqs[0].prompt != reqs[1].prompt and reqs[0].prompt == reqs[4].prompt

@@ -7,7 +7,7 @@ tokens, detokenize, check stops, free finished rows). No Redis, no threads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from worker.engine.scheduler import (
     SchedulingPolicy,
 )
 from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.speculative import NgramSpeculator, SpeculativeConfig, accepted_run
 from worker.engine.types import EngineRequest, EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = ()
     scheduling: SchedulingPolicy = "mixed"  # see worker/engine/scheduler.py
     reserve_rows: int = 0  # rows only priority-0 requests may take (SchedulerConfig)
+    # speculative decoding (worker/engine/speculative.py)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
 
 class LLMEngine:
@@ -68,6 +71,7 @@ class LLMEngine:
             self.prefix = PrefixCache(self.cache.shape, config.prefix_cache_tokens,
                                       config.prefix_block_size)
         self.sampler = Sampler(list(config.eos_token_ids))
+        self.speculator = NgramSpeculator(config.speculative)
         self.eos = frozenset(config.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -137,6 +141,8 @@ class LLMEngine:
             kv_tokens_used=self.cache.num_tokens,
             kv_tokens_budget=self.config.max_batch_tokens,
             steps=self._steps,
+            spec_proposed=self.speculator.num_proposed,
+            spec_accepted=self.speculator.num_accepted,
         )
         if self.prefix is not None:
             p = self.prefix.stats
@@ -160,20 +166,27 @@ class LLMEngine:
         if plan.is_empty:
             return outputs
         self._steps += 1
+        drafts = self.speculator.propose(plan.decodes, self.runner.max_context)
         try:
-            sampled, logits = self._run(plan)
+            sampled, logits = self._run(plan, drafts)
         except Exception:  # any failure: find the culprit, keep the rest
             log.exception("batch step failed; retrying its %d requests one by one",
                           len(plan.decodes) + len(plan.prefills))
+            drafts = {}  # the retry decodes plainly
             sampled, logits, failed = self._run_isolated(plan)
             outputs.extend(failed)
         if sampled and self.choices.groups:
             sampled, logits = self._fork(sampled, logits)
         if sampled:
+            states = {s.id: s.generator.get_state() for s in plan.decodes
+                      if s.id in drafts and s.generator is not None and not s.params.is_greedy}
             tokens, failed = self._sample_isolated(sampled, logits)
-            outputs.extend(failed)
-            for seq, token, logprobs in tokens:
-                outputs.append(self._postprocess_safely(seq, token, logprobs))
+            outputs.extend({o.id: o for o in failed}.values())  # a verified row fails once
+            for seq, runs in self._accept(tokens, drafts, states):
+                if len(runs) == 1 and seq.id not in drafts:
+                    outputs.append(self._postprocess_safely(seq, *runs[0]))
+                elif seq.id in self.seqs:  # not failed while sampling
+                    outputs.append(self._verified_safely(seq, runs))
         return outputs
 
     def _fork(self, sampled: list[Sequence],
@@ -196,6 +209,39 @@ class LLMEngine:
         if len(seqs) == len(sampled):
             return sampled, logits
         return seqs, logits.index_select(0, torch.tensor(order, device=logits.device))
+
+    def _accept(self, tokens: list[Sampled], drafts: dict[str, list[int]],
+                states: dict[str, torch.Tensor],
+                ) -> list[tuple[Sequence, list[tuple[int, TokenLogprobs | None]]]]:
+        """Group a step's picks per row; a verified row keeps its accepted run
+        (worker/engine/speculative.py) and its cache advances by it. Every row advances
+        before any is post-processed: a row freed there moves another row's cache, which
+        copies only the positions counted as written."""
+        out: list[tuple[Sequence, list[tuple[int, TokenLogprobs | None]]]] = []
+        i = 0
+        while i < len(tokens):
+            seq = tokens[i][0]
+            if seq.id not in drafts:
+                out.append((seq, [(tokens[i][1], tokens[i][2])]))
+                i += 1
+                continue
+            group = []
+            while i < len(tokens) and tokens[i][0] is seq:
+                group.append((tokens[i][1], tokens[i][2]))
+                i += 1
+            draft = drafts[seq.id]
+            if len(group) != len(draft) + 1 or seq.id not in self.seqs:
+                continue  # failed while sampling
+            run = accepted_run(draft, [token for token, _ in group])
+            self.speculator.record(len(draft), len(run) - 1)
+            state = states.get(seq.id)
+            if state is not None and seq.generator is not None:
+                seq.generator.set_state(state)  # one uniform per emitted token, as without
+                self.sampler.draw([seq] * len(run))
+            seq.num_cached += len(run)
+            self.cache.advance(seq.id, len(run))
+            out.append((seq, group[:len(run)]))
+        return out
 
     # --- internals --------------------------------------------------------------------------
     def _matcher(self, params: SamplingParams) -> Any:
@@ -254,30 +300,43 @@ class LLMEngine:
             return f"prompt has token ids outside the vocabulary (size {self.runner.vocab_size})"
         return None
 
-    def _run(self, plan: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
+    def _run(self, plan: SchedulerOutput, drafts: dict[str, list[int]] | None = None,
+             ) -> tuple[list[Sequence], torch.Tensor]:
         """Forward passes for a plan. Sequence state changes only once all of them succeed,
-        so a failed step can be retried (re-writing the same cache positions is harmless)."""
-        longest = max([s.num_cached + 1 for s in plan.decodes]
+        so a failed step can be retried (re-writing the same cache positions is harmless).
+
+        Rows with a proposal in ``drafts`` are verified: their last token and the proposal
+        go in as one chunk of the prefill pass, with logits at every position; ``sampled``
+        lists such a row once per position (its cache advances once accepted)."""
+        drafts = drafts or {}
+        decodes = [s for s in plan.decodes if s.id not in drafts]
+        verifies = [s for s in plan.decodes if s.id in drafts]
+        longest = max([s.num_cached + 1 for s in decodes]
+                      + [s.num_cached + 1 + len(drafts[s.id]) for s in verifies]
                       + [c.start + c.length for c in plan.prefills])
         self.cache.ensure_capacity(self.cache.num_rows, longest)
         parts: list[torch.Tensor] = []
-        if plan.decodes:
-            self.cache.move_to_front([s.id for s in plan.decodes])
-            parts.append(self.runner.decode([s.last_token_id for s in plan.decodes],
-                                            [s.num_cached for s in plan.decodes]))
-        if plan.prefills:
+        if decodes:
+            self.cache.move_to_front([s.id for s in decodes])
+            parts.append(self.runner.decode([s.last_token_id for s in decodes],
+                                            [s.num_cached for s in decodes]))
+        if plan.prefills or verifies:
             chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
                                    c.seq.prompt_token_ids[c.start:c.start + c.length],
                                    c.completes_prompt) for c in plan.prefills]
+            chunks += [PrefillChunk(self.cache.row_of(s.id), s.num_cached,
+                                    [s.last_token_id, *drafts[s.id]], True,
+                                    len(drafts[s.id]) + 1) for s in verifies]
             parts.append(self.runner.prefill(chunks))
-        for seq in plan.decodes:
+        for seq in decodes:
             seq.num_cached += 1
             self.cache.advance(seq.id, 1)
         for c in plan.prefills:
             c.seq.num_cached += c.length
             self.cache.advance(c.seq.id, c.length)
         self._remember_prompts(plan)
-        sampled = plan.decodes + [c.seq for c in plan.prefills if c.completes_prompt]
+        sampled = decodes + [c.seq for c in plan.prefills if c.completes_prompt]
+        sampled += [s for s in verifies for _ in range(len(drafts[s.id]) + 1)]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return sampled, logits
 
@@ -354,6 +413,35 @@ class LLMEngine:
         except Exception as exc:  # e.g. a tokenizer that cannot decode
             log.exception("post-processing request %s failed", seq.id)
             return self._fail(seq, f"post-processing failed: {type(exc).__name__}: {exc}")
+
+    def _verified_safely(self, seq: Sequence,
+                         run: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
+        try:
+            return self._verified(seq, run)
+        except Exception as exc:
+            log.exception("post-processing request %s failed", seq.id)
+            return self._fail(seq, f"post-processing failed: {type(exc).__name__}: {exc}")
+
+    def _verified(self, seq: Sequence,
+                  run: list[tuple[int, TokenLogprobs | None]]) -> RequestOutput:
+        """Post-process a verified row's accepted run one token at a time, exactly as plain
+        decode steps would (a stop, EOS or max_tokens inside the run ends it there), as one
+        output."""
+        merged: RequestOutput | None = None
+        for token, logprobs in run:
+            out = self._postprocess(seq, token, logprobs)
+            if merged is None:
+                merged = out
+            else:
+                merged.new_token_ids.extend(out.new_token_ids)
+                merged.text_delta += out.text_delta
+                merged.logprobs.extend(out.logprobs)
+                merged.finished, merged.finish_reason = out.finished, out.finish_reason
+                merged.num_output_tokens = out.num_output_tokens
+            if out.finished:
+                break
+        assert merged is not None
+        return merged
 
     def _postprocess(self, seq: Sequence, token: int,
                      logprobs: TokenLogprobs | None = None) -> RequestOutput:

@@ -14,6 +14,7 @@ from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
+from worker.engine.speculative import SpeculativeConfig
 from worker.engine.types import EngineRequest
 from worker.model_store import generation_defaults
 
@@ -66,6 +67,10 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         eos_token_ids=tuple(eos),
         scheduling=settings.scheduling,
         reserve_rows=settings.interactive_reserve_rows,
+        speculative=SpeculativeConfig(
+            method=settings.speculative, num_tokens=settings.speculative_tokens,
+            ngram_max=settings.speculative_ngram, ngram_min=1,
+            max_rows=settings.speculative_max_rows),
     )
 
 

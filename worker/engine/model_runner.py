@@ -29,6 +29,7 @@ class PrefillChunk:
     start: int
     token_ids: list[int]
     wants_logits: bool  # the chunk ends the prompt: sample the first token from it
+    num_logits: int = 1  # logits of the chunk's last ``num_logits`` tokens (verification)
 
 
 class ModelRunner(Protocol):
@@ -40,7 +41,8 @@ class ModelRunner(Protocol):
     device: torch.device
 
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        """Fill the cache; logits ``[n, vocab]`` (float32) of chunks that want them."""
+        """Fill the cache; logits ``[n, vocab]`` (float32) of chunks that want them (the
+        last ``num_logits`` positions of each, in order)."""
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """Feed one token to each of rows ``0 .. B-1``; logits ``[B, vocab]`` (float32)."""
@@ -308,7 +310,7 @@ class TransformerRunner:
         for chunk in chunks:
             offset += len(chunk.token_ids)
             if chunk.wants_logits:
-                ends.append(offset - 1)
+                ends.extend(range(offset - chunk.num_logits, offset))
         if not ends:
             return torch.empty(0, self.vocab_size, device=dev)
         return self._logits(h[torch.tensor(ends, device=dev)])

@@ -55,6 +55,8 @@ class EngineStats:
     prefix_cache_query_tokens: int = 0  # prompt tokens looked up
     prefix_cache_tokens: int = 0  # tokens held in the pool now
     prefix_cache_capacity: int = 0  # its size (TOKENFLEET_PREFIX_CACHE_TOKENS; 0 = off)
+    spec_proposed: int = 0  # speculative decoding: proposed tokens verified (cumulative)
+    spec_accepted: int = 0  # of those, accepted
 
 
 class Engine(Protocol):

@@ -1,0 +1,169 @@
+"""Speculative decoding (prompt lookup) on the tiny random Llama: the same tokens as plain
+decoding, alone and in a busy batch, with stops and max_tokens cutting inside an accepted
+run; seeded sampling unchanged; opt-out, penalties and load turn it off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shared.protocol import SamplingParams
+from tests.unit.test_engine import greedy, prompt, run_all, text, tokens
+from tests.unit.tiny_model import tiny_engine, tiny_llama
+from worker.engine.engine import LLMEngine
+from worker.engine.speculative import (
+    SpeculativeConfig,
+    accepted_run,
+    propose_ngram,
+)
+from worker.engine.types import EngineRequest, RequestOutput
+
+NGRAM = SpeculativeConfig("ngram", num_tokens=4, ngram_max=3, ngram_min=1, max_rows=64)
+
+
+@pytest.fixture(scope="module")
+def model32() -> torch.nn.Module:
+    return tiny_llama(torch.float32)
+
+
+def _run(model: torch.nn.Module, ids: list[int], params: SamplingParams,
+         spec: SpeculativeConfig | None = None) -> tuple[list[RequestOutput], LLMEngine]:
+    engine = tiny_engine(model, speculative=spec or SpeculativeConfig())  # type: ignore[arg-type]
+    engine.add_request(EngineRequest("a", ids, params))
+    return run_all(engine)["a"], engine
+
+
+def test_propose_ngram_takes_the_latest_longest_match() -> None:
+    assert propose_ngram([5, 6, 7, 8, 9, 5, 6], 3, 3, 1) == [7, 8, 9]
+    # the 2-gram (1, 2) is preferred over the later 1-gram (2)
+    assert propose_ngram([1, 2, 3, 4, 2, 9, 1, 2], 2, 2, 1) == [3, 4]
+    assert propose_ngram([1, 2, 3, 2, 7], 2, 2, 1) == []  # 7 never occurred before
+    assert propose_ngram([4, 4], 5, 3, 1) == [4]  # only what exists after the match
+    assert propose_ngram([1, 2, 3, 1], 2, 3, 2) == []  # no 2-gram repeats
+    assert propose_ngram([3, 1, 2, 3], 0, 3, 1) == []
+
+
+def test_accepted_run_keeps_the_first_differing_pick() -> None:
+    assert accepted_run([7, 8, 9], [7, 8, 5, 1]) == [7, 8, 5]
+    assert accepted_run([7, 8, 9], [1, 8, 9, 4]) == [1]
+    assert accepted_run([7, 8], [7, 8, 3]) == [7, 8, 3]
+
+
+def test_config_rejects_unknown_methods() -> None:
+    with pytest.raises(ValueError, match="ngram"):
+        SpeculativeConfig("medusa")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SpeculativeConfig("ngram", num_tokens=0)
+
+
+def test_greedy_tokens_are_identical_and_proposals_get_accepted(model32: torch.nn.Module,
+                                                                ) -> None:
+    proposed = accepted = 0
+    for offset in (0, 1, 2):
+        ids = prompt(30, offset)
+        plain, _ = _run(model32, ids, greedy(48))
+        spec, engine = _run(model32, ids, greedy(48), NGRAM)
+        assert tokens(spec) == tokens(plain)
+        assert text(spec) == text(plain)
+        assert spec[-1].finish_reason == "length"
+        assert len(spec) < len(plain)  # some steps emitted several tokens
+        proposed += engine.stats().spec_proposed
+        accepted += engine.stats().spec_accepted
+    assert 0 < accepted < proposed
+
+
+def test_greedy_in_a_busy_batch_matches_plain_decoding_alone(model32: torch.nn.Module) -> None:
+    ids = prompt(30, 1)
+    alone, _ = _run(model32, ids, greedy(40))
+    engine = tiny_engine(model32, speculative=NGRAM)  # type: ignore[arg-type]
+    for i in range(12):
+        engine.add_request(EngineRequest(f"bg{i}", prompt(5 + 4 * i, i), greedy(10 + 4 * i)))
+    early: dict[str, list[RequestOutput]] = {}
+    for _ in range(4):
+        for out in engine.step():
+            early.setdefault(out.id, []).append(out)
+    engine.add_request(EngineRequest("a", ids, greedy(40)))
+    outs = run_all(engine)
+    for rid, got in early.items():
+        outs[rid] = got + outs.get(rid, [])
+    assert tokens(outs["a"]) == tokens(alone)
+    assert engine.stats().spec_accepted > 0
+    for i in range(12):  # the background rows are unchanged too
+        plain, _ = _run(model32, prompt(5 + 4 * i, i), greedy(10 + 4 * i))
+        assert tokens(outs[f"bg{i}"]) == tokens(plain)
+
+
+def _inside_a_run(outs: list[RequestOutput]) -> int:
+    """Tokens emitted before the first step that emitted at least three."""
+    before = 0
+    for out in outs:
+        if len(out.new_token_ids) >= 3:
+            return before
+        before += len(out.new_token_ids)
+    raise AssertionError("no step accepted two proposals")
+
+
+def test_max_tokens_and_stop_strings_cut_inside_an_accepted_run(model32: torch.nn.Module,
+                                                                 ) -> None:
+    ids = prompt(30, 1)
+    free, _ = _run(model32, ids, greedy(48), NGRAM)
+    before = _inside_a_run(free)
+    cut = before + 2  # the run's second token
+    plain, _ = _run(model32, ids, greedy(cut))
+    spec, _ = _run(model32, ids, greedy(cut), NGRAM)
+    assert tokens(spec) == tokens(plain) == tokens(free)[:cut]
+    assert spec[-1].finish_reason == plain[-1].finish_reason == "length"
+    full = text(free)
+    stop = full[before + 1:before + 3]  # starts at the run's second token
+    plain, _ = _run(model32, ids, greedy(48, stop=[stop]))
+    spec, _ = _run(model32, ids, greedy(48, stop=[stop]), NGRAM)
+    assert text(spec) == text(plain) == full[:full.find(stop)]
+    assert tokens(spec) == tokens(plain)
+    assert spec[-1].finish_reason == plain[-1].finish_reason == "stop"
+    assert spec[-1].num_output_tokens == plain[-1].num_output_tokens
+
+
+def test_eos_inside_a_run_stops_as_without_speculation(model32: torch.nn.Module) -> None:
+    ids = prompt(30, 1)
+    free, _ = _run(model32, ids, greedy(48), NGRAM)
+    eos_token = tokens(free)[_inside_a_run(free) + 1]
+    results = []
+    for spec in (SpeculativeConfig(), NGRAM):
+        engine = tiny_engine(model32, speculative=spec)  # type: ignore[arg-type]
+        engine.eos = frozenset({eos_token})
+        engine.sampler.eos_token_ids = [eos_token]
+        engine.add_request(EngineRequest("a", ids, SamplingParams(max_tokens=48,
+                                                                  temperature=0)))
+        outs = run_all(engine)["a"]
+        results.append((tokens(outs), outs[-1].finish_reason))
+    assert results[0] == results[1]
+    assert results[0][1] == "stop" and results[0][0][-1] == eos_token
+
+
+def test_seeded_sampling_gives_the_tokens_it_gives_without_speculation(
+        model32: torch.nn.Module) -> None:
+    ids = prompt(30, 1)
+    params = SamplingParams(max_tokens=40, temperature=0.5, top_k=20, seed=7, ignore_eos=True)
+    plain, _ = _run(model32, ids, params)
+    spec, engine = _run(model32, ids, params, NGRAM)
+    again, _ = _run(model32, ids, params, NGRAM)
+    assert tokens(spec) == tokens(plain) == tokens(again)
+    assert engine.stats().spec_accepted > 0
+    other = SamplingParams(max_tokens=40, temperature=0.5, top_k=20, seed=8, ignore_eos=True)
+    assert tokens(_run(model32, ids, other, NGRAM)[0]) != tokens(spec)
+
+
+def test_opt_out_penalties_and_a_full_batch_do_not_speculate(model32: torch.nn.Module) -> None:
+    ids = prompt(30, 1)
+    _, engine = _run(model32, ids, greedy(24, speculative=False), NGRAM)
+    assert engine.stats().spec_proposed == 0
+    _, engine = _run(model32, ids, greedy(24, repetition_penalty=1.3), NGRAM)
+    assert engine.stats().spec_proposed == 0
+    small = SpeculativeConfig("ngram", num_tokens=4, max_rows=2)
+    engine = tiny_engine(model32, speculative=small)  # type: ignore[arg-type]
+    for i in range(3):
+        engine.add_request(EngineRequest(str(i), prompt(30, i), greedy(24)))
+    for _ in range(2):  # prefill, then three rows decode: more than max_rows
+        engine.step()
+    assert len(engine.scheduler.running) == 3
+    assert engine.stats().spec_proposed == 0
