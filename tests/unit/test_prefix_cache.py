@@ -132,6 +132,21 @@ def test_lru_evicts_the_tails_of_old_prefixes_first() -> None:
     assert (pool.match([*old, 0])[0], pool.match([*new, 0])[0]) == (4, 2)
 
 
+def test_clearing_and_evicting_a_long_chain_frees_every_block() -> None:
+    shape = CacheShape(1, 1, 2, torch.float32, torch.device("cpu"))
+    pool = PrefixCache(shape, 3000 * 2, block_size=2)
+    row = RowKVCache(shape)
+    row.allocate("x")
+    row.ensure_capacity(1, 6000)
+    long_prompt = list(range(5000))  # 2,500 blocks deep: deeper than Python's recursion
+    assert pool.insert(row, 0, long_prompt) == 2500
+    pool.insert(row, 0, [7, 7, 7, 7])
+    assert pool.match([*long_prompt, 1])[0] == 5000
+    pool.clear()
+    assert pool.num_tokens == 0 and pool.match([*long_prompt, 1])[0] == 0
+    assert pool.insert(row, 0, long_prompt[:6000]) == 2500  # every slot is free again
+
+
 def test_nothing_is_cached_with_a_zero_pool(model: torch.nn.Module) -> None:
     engine = tiny_engine(model, prefix_cache_tokens=0)
     run(engine, [("a", SHARED, 2), ("b", SHARED, 2)])

@@ -169,6 +169,7 @@ class PrefixCache:
         return len(new)
 
     def clear(self) -> None:
+        """Forget every cached block (the pool's memory is kept)."""
         for node in list(self._roots):
             self._evict(node)
 
@@ -207,13 +208,16 @@ class PrefixCache:
         return self._free_slots.pop()
 
     def _evict(self, node: int) -> None:
-        block = self._blocks.pop(node)
-        for child in list(block.children):
-            self._evict(child)
-        del self._index[(block.parent, block.tokens)]
-        self._children(block.parent).discard(node)
-        self._lru.pop(node, None)
-        self._free_slots.append(block.slot)
+        """Drop ``node`` and everything below it (iteratively: chains can be long)."""
+        top = self._blocks[node]
+        self._children(top.parent).discard(node)
+        stack = [node]
+        while stack:
+            block = self._blocks.pop(stack.pop())
+            stack.extend(block.children)
+            del self._index[(block.parent, block.tokens)]
+            self._lru.pop(block.node, None)
+            self._free_slots.append(block.slot)
 
     def _ensure_pool(self) -> None:
         if self.keys:
