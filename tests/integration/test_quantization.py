@@ -38,3 +38,30 @@ def test_quantized_model_serves(quantization: str, max_tokens: int, smollm2_dir:
     assert tokens == max_tokens or "Paris" in text
     if quantization == "nf4":
         assert "Paris" in text
+
+
+def test_int8_torch_prepared_checkpoint_round_trip(smollm2_dir: Path, tmp_path: Path) -> None:
+    """`model prepare --quantization int8-torch` once, then a worker loads it as is."""
+    from worker.engine.loader import load_model, prepare_quantized
+    from worker.engine.quant_store import prepared_mode
+    from worker.engine.weight_int8 import weight_bytes
+
+    settings = Settings(model=str(smollm2_dir), model_dir=tmp_path, quantization="int8-torch")
+    target = prepare_quantized(settings, "int8-torch")
+    assert prepared_mode(target) is not None
+    disk = sum(p.stat().st_size for p in target.glob("*.safetensors"))
+    assert disk < 0.55 * sum(p.stat().st_size for p in smollm2_dir.glob("*.safetensors"))
+    loaded = load_model(settings, smollm2_dir)  # finds the prepared weights
+    assert loaded.path == target and loaded.quantization == "int8-torch"
+    plain = load_model(settings.model_copy(update={"quantization": "none"}), smollm2_dir)
+    assert weight_bytes(loaded.model) <= 0.55 * weight_bytes(plain.model)
+    engine, info = build_engine(settings)
+    assert info.quantization == "int8-torch"
+    engine.add_request(EngineRequest("q", _chat_ids("What is the capital of France?"),
+                                     SamplingParams(max_tokens=12, temperature=0.0)))
+    text = ""
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            text += out.text_delta
+    assert "Paris" in text
