@@ -58,6 +58,17 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
     assert isinstance(person, Person), done.choices[0].message.content
 
 
+def test_json_object_answers_a_json_object(client: openai.OpenAI) -> None:
+    obj = client.chat.completions.create(
+        model=MODEL, max_tokens=40, temperature=0,
+        messages=[{"role": "user", "content": "Give me a JSON object about a cat."}],
+        response_format={"type": "json_object"})
+    text = obj.choices[0].message.content or ""
+    assert text.startswith("{"), text
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+
+
 def test_a_streamed_schema_parses(client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
                                                "score": {"type": "integer", "minimum": 0,
