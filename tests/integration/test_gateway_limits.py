@@ -130,17 +130,22 @@ async def test_model_must_be_named_when_several_are_served(redis_url: str,
         assert named.status_code == 202, named.text
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("functions", [{"name": "f"}]), ("tool_choice", "required"), ("n", 2),
+@pytest.mark.parametrize(("path", "field", "value"), [
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),  # deprecated: send tools
+    ("/v1/chat/completions", "tool_choice", "required"),  # a tool choice needs tools
+    ("/v1/jobs", "n", 2),  # a job's record holds one text: n > 1 is for live requests
 ])
 async def test_unsupported_features_are_refused_by_name(redis_url: str, redis: aioredis.Redis,
-                                                        field: str, value: object) -> None:
+                                                        path: str, field: str,
+                                                        value: object) -> None:
     _registered(redis_url)
     async with gateway_client(Settings(redis_url=redis_url, key_prefix=PREFIX)) as (http, _):
-        resp = await http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi"}], field: value})
-        assert resp.status_code == 400
+        body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path
+                else {"prompt": "hi"})
+        resp = await http.post(path, json={**body, field: value})
+        assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == field
+        assert await _queued(redis) == []  # nothing half-written
         ok = await http.post("/v1/jobs", json={"prompt": "hi", "tool_choice": "none"})
         assert ok.status_code == 202, ok.text
 
