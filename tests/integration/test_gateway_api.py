@@ -217,7 +217,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
      "top_p"),
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400,
      "messages: this field is required"),
-    ("n=2", "/v1/chat/completions", {**CHAT, "n": 2}, 400, "n>1 is not supported"),
+    ("n=2 on a job", "/v1/jobs", {"prompt": "hi", "n": 2}, 400, "not for jobs or batches"),
     ("top_logprobs alone", "/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400,
      "top_logprobs needs logprobs: true"),
     ("bad schema", "/v1/chat/completions", {**CHAT, "response_format": {
@@ -257,7 +257,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
      "at most 64 stop_token_ids"),
     ("huge timeout", "/v1/completions", {"model": "tiny", "prompt": "a", "timeout": 1e300},
      400, "timeout"),
-    ("huge n", "/v1/chat/completions", {**CHAT, "n": 2**70}, 400, "n>1 is not supported"),
+    ("huge n", "/v1/chat/completions", {**CHAT, "n": 2**70}, 400, "n must be 1 to 16"),
 ]
 
 
