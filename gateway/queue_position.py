@@ -173,9 +173,9 @@ async def with_queue_updates(body: AsyncGenerator[bytes, None],
                              current: Callable[[], Awaitable[QueueEstimate | None]],
                              interval_s: float = QUEUED_UPDATE_S,
                              ) -> AsyncGenerator[bytes, None]:
-    """``body``, with an ``event: queued`` soon after it opens (after the chat role chunk)
-    and whenever the position (or the ETA, in whole seconds) changes, checked every
-    ``interval_s`` while the job is queued."""
+    """``body``, with an ``event: queued`` soon after it opens (it may precede the chat role
+    chunk, which goes out with the first tokens) and whenever the position (or the ETA, in
+    whole seconds) changes, checked every ``interval_s`` while the job is queued."""
     found = await current()
     shown: tuple[int, int | None] | None = None
     pending: asyncio.Task[bytes] | None = None
