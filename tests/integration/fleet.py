@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,3 +75,18 @@ def make_fleet(tmp: Path, **env: str) -> Fleet:
     supervisor = Supervisor(base, log_dir=tmp, cwd=REPO, stop_timeout_s=STOP_TIMEOUT_S,
                             redis=redis)
     return Fleet(redis=redis, supervisor=supervisor, log_dir=tmp)
+
+
+@contextlib.contextmanager
+def running_fleet(tmp: Path, num_workers: int = 1, **env: str) -> Iterator[Fleet]:
+    """``make_fleet`` with a gateway and ``num_workers`` workers started and ready; the
+    whole fleet is stopped on exit (a module fixture's ``with ... as fleet: yield fleet``)."""
+    fleet = make_fleet(tmp, **env)
+    try:
+        fleet.start_gateway()
+        for _ in range(num_workers):
+            fleet.start_worker()
+        fleet.wait_ready(num_workers=num_workers)
+        yield fleet
+    finally:
+        fleet.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.fleet import Fleet, make_fleet
+from tests.integration.fleet import Fleet, make_fleet, running_fleet
 from tests.integration.waiting import wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -30,15 +30,9 @@ NUM_REQUESTS = 5
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fleet = make_fleet(tmp_path_factory.mktemp("dashboard"), TOKENFLEET_ENGINE="null",
-                       TOKENFLEET_NULL_ENGINE_TOKENS="8")
-    try:
-        fleet.start_gateway()
-        fleet.start_worker()
-        fleet.wait_ready(num_workers=1)
+    with running_fleet(tmp_path_factory.mktemp("dashboard"), TOKENFLEET_ENGINE="null",
+                       TOKENFLEET_NULL_ENGINE_TOKENS="8") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from shared.keys import Keys
-from tests.integration.fleet import Fleet, make_fleet
+from tests.integration.fleet import Fleet, running_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,15 +22,9 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Fleet]:
-    fleet = make_fleet(tmp_path_factory.mktemp("fleet"), TOKENFLEET_MAX_BATCH_SIZE="16")
-    try:
-        fleet.start_gateway()
-        fleet.start_worker()
-        fleet.start_worker()
-        fleet.wait_ready(num_workers=2)
+    with running_fleet(tmp_path_factory.mktemp("fleet"), num_workers=2,
+                       TOKENFLEET_MAX_BATCH_SIZE="16") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture

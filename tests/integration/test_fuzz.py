@@ -17,7 +17,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.integration.fleet import Fleet, make_fleet
+from tests.integration.fleet import Fleet, running_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,10 @@ AUTH_ENV = {"TOKENFLEET_AUTH": "true", "TOKENFLEET_API_KEYS": KEY,
 
 @pytest.fixture(params=["auth-off", "auth-on"])
 def fleet(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    fleet = make_fleet(tmp_path, TOKENFLEET_ENGINE="null", TOKENFLEET_NULL_ENGINE_TOKENS="4",
+    with running_fleet(tmp_path, TOKENFLEET_ENGINE="null", TOKENFLEET_NULL_ENGINE_TOKENS="4",
                        TOKENFLEET_MAX_TOKENS_CAP="64", TOKENFLEET_DEFAULT_MAX_TOKENS="8",
-                       **(AUTH_ENV if request.param == "auth-on" else {}))
-    try:
-        fleet.start_gateway()
-        fleet.start_worker()
-        fleet.wait_ready(num_workers=1)
+                       **(AUTH_ENV if request.param == "auth-on" else {})) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def test_no_input_makes_the_gateway_fail(fleet: Fleet) -> None:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.integration.fleet import Fleet, make_fleet
+from tests.integration.fleet import Fleet, running_fleet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -22,14 +22,9 @@ MODEL = "SmolLM2-135M-Instruct"
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Iterator[Fleet]:
-    fleet = make_fleet(tmp_path_factory.mktemp("fleet"), TOKENFLEET_MAX_BATCH_SIZE="16")
-    try:
-        fleet.start_gateway()
-        fleet.start_worker()
-        fleet.wait_ready(num_workers=1)
+    with running_fleet(tmp_path_factory.mktemp("fleet"),
+                       TOKENFLEET_MAX_BATCH_SIZE="16") as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.fixture
