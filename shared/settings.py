@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     interactive_reserve: int = 4  # batch rows and read slots kept for the interactive lane
     # mixed: prompt chunks beside every step's decodes; phase: prefill-only or decode-only steps
     scheduling: Literal["mixed", "phase"] = "mixed"
+    # phase: at most this many prefill-only steps in a row while streams wait (0: no bound)
+    phase_max_prefill_steps: int = Field(default=2, ge=0)
     prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
     # speculative decoding: off, or ngram (prompt lookup: proposals from the request's own text)
     speculative: Literal["off", "ngram"] = "off"

@@ -146,6 +146,34 @@ def test_phase_pauses_decodes_while_a_prompt_prefills_then_decodes_all_together(
     assert [q.id for q in out.decodes] == ["decoder", "long"] and not out.prefills
 
 
+def test_phase_bound_runs_a_decode_step_after_that_many_prefill_only_steps() -> None:
+    s = _phase(phase_max_prefill_steps=2)
+    s.add(seq("decoder", 10))
+    finish_prefill(s.schedule().prefills, s)  # no decoder waits yet: not counted
+    s.add(seq("long", 200))
+    kinds = []
+    for _ in range(6):
+        out = s.schedule()
+        assert not (out.decodes and out.prefills)  # still one phase per step
+        kinds.append("D" if out.decodes else f"P{out.prefills[0].start}")
+        finish_prefill(out.prefills, s)
+    # two 64-token prefill passes, then the waiting stream gets a token, and so on
+    assert kinds == ["P0", "P64", "D", "P128", "P192", "D"]
+    out = s.schedule()
+    assert [q.id for q in out.decodes] == ["decoder", "long"]
+
+
+def test_phase_bound_does_not_delay_prefill_when_no_stream_waits() -> None:
+    s = _phase(phase_max_prefill_steps=1)
+    s.add(seq("long", 200))
+    starts = []
+    for _ in range(4):
+        out = s.schedule()
+        starts.append(out.prefills[0].start)
+        finish_prefill(out.prefills, s)
+    assert starts == [0, 64, 128, 192]
+
+
 def test_phase_prefills_a_window_of_arrivals_in_one_step_and_they_decode_in_step() -> None:
     s = _phase(max_prefill_tokens=512)
     s.add(seq("old", 10))
@@ -200,7 +228,9 @@ def test_the_setting_reaches_the_engine_config_and_refuses_other_values(
 
     assert engine_config(Settings(), []).scheduling == Settings().scheduling
     monkeypatch.setenv("TOKENFLEET_SCHEDULING", "phase")
+    monkeypatch.setenv("TOKENFLEET_PHASE_MAX_PREFILL_STEPS", "3")
     assert engine_config(Settings(), [2]).scheduling == "phase"
+    assert engine_config(Settings(), [2]).phase_max_prefill_steps == 3
     monkeypatch.setenv("TOKENFLEET_SCHEDULING", "fifo")
     with pytest.raises(ValidationError, match="mixed"):
         Settings()

@@ -44,6 +44,7 @@ class EngineConfig:
     prefix_block_size: int = 16
     eos_token_ids: tuple[int, ...] = ()
     scheduling: SchedulingPolicy = "mixed"  # see worker/engine/scheduler.py
+    phase_max_prefill_steps: int = 0  # phase: prefill-only steps in a row (0: no bound)
     reserve_rows: int = 0  # rows only priority-0 requests may take (SchedulerConfig)
     # speculative decoding (worker/engine/speculative.py)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -65,6 +66,7 @@ class LLMEngine:
             max_context=runner.max_context,
             policy=config.scheduling,
             reserve_rows=config.reserve_rows,
+            phase_max_prefill_steps=config.phase_max_prefill_steps,
         ), on_admit=self._admit)
         self.prefix: PrefixCache | None = None
         if config.prefix_cache_tokens >= config.prefix_block_size:

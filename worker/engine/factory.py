@@ -66,6 +66,7 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         prefix_cache_tokens=settings.prefix_cache_tokens,
         eos_token_ids=tuple(eos),
         scheduling=settings.scheduling,
+        phase_max_prefill_steps=settings.phase_max_prefill_steps,
         reserve_rows=settings.interactive_reserve_rows,
         speculative=SpeculativeConfig(
             method=settings.speculative, num_tokens=settings.speculative_tokens,

@@ -23,7 +23,9 @@ Two policies (``SchedulerConfig.policy``, ``TOKENFLEET_SCHEDULING``):
   or decode-only. While a prompt is unfinished or a waiting request can be admitted, the
   step prefills (the same budget, the same admission rule) and every decoding row pauses;
   otherwise it decodes all rows. Requests that arrive together therefore enter decode
-  together.
+  together. ``phase_max_prefill_steps`` bounds the stall: after that many prefill-only
+  steps in a row while rows wait to decode, one decode-only step runs (0: no bound), so a
+  burst of long prompts delays each stream by at most that many prefill passes per token.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class SchedulerConfig:
     # rows (and their share of max_batch_tokens) that only priority-0 (interactive)
     # sequences may take, so one arriving during a batch job starts at the next step
     reserve_rows: int = 0
+    # phase: most prefill-only steps in a row while decoding rows wait (0: no bound)
+    phase_max_prefill_steps: int = 0
 
 
 @dataclass(slots=True)
@@ -85,6 +89,7 @@ class Scheduler:
         self.on_admit = on_admit
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._prefill_streak = 0  # phase: prefill-only steps in a row with decoders paused
 
     # --- queue --------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -128,15 +133,25 @@ class Scheduler:
         return out
 
     def _schedule_phase(self) -> SchedulerOutput:
-        """Prefill-only while there is prompt work that can run, else decode-only."""
+        """Prefill-only while there is prompt work that can run, else decode-only; a decode
+        step after ``phase_max_prefill_steps`` prefill-only steps that paused decoders."""
         out = SchedulerOutput()
+        decoders = [seq for seq in self.running if not seq.is_prefilling]
+        bound = self.config.phase_max_prefill_steps
+        if decoders and bound and self._prefill_streak >= bound:
+            self._prefill_streak = 0
+            out.decodes = decoders
+            return out
         budget = self.config.max_prefill_tokens
         for seq in self.running:
             if seq.is_prefilling and budget > 0:
                 budget -= self._chunk(out, seq, budget)
         self._admit(out, budget)
         if not out.prefills:
-            out.decodes = [seq for seq in self.running if not seq.is_prefilling]
+            self._prefill_streak = 0
+            out.decodes = decoders
+        elif decoders:
+            self._prefill_streak += 1
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
