@@ -247,12 +247,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     batches = tuple(int(b) for b in args.batches.split(","))
-    results = run_modes(Settings(), tuple(args.modes.split(",")), batches, args.max_tokens)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast warning per call
+    settings = Settings()
+    results = run_modes(settings, tuple(args.modes.split(",")), batches, args.max_tokens)
     table = markdown(results, batches)
     print(table)
     if args.out is not None:
-        args.out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.out.write_text(json.dumps(report(settings, results, args), indent=2) + "\n")
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def report(settings: Any, results: list[ModeResult], args: argparse.Namespace) -> dict[str, Any]:
+    """What ``--out`` writes: the results with the model, machine and command they came
+    from (``bench/data/quant_quality.json`` is one; ``worker.engine.quant_choice`` reads the
+    quality columns of it)."""
+    import os
+    import platform
+
+    import torch
+
+    from worker.engine.loader import torch_cpu_capability
+    from worker.model_store import resolve_model_path
+
+    return {
+        "model": resolve_model_path(settings).name,
+        "command": (f"python -m bench.quant --modes {args.modes} --batches {args.batches} "
+                    f"--max-tokens {args.max_tokens}"),
+        "machine": {"cpu": _cpu_name() or platform.machine(),
+                    "cpu_capability": torch_cpu_capability(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "load_average": list(os.getloadavg())},
+        "text": str(TEXT.relative_to(TEXT.parents[2])),
+        "modes": [asdict(r) for r in results],
+    }
 
 
 if __name__ == "__main__":

@@ -53,11 +53,15 @@ class Settings(BaseSettings):
     # phase: at most this many prefill-only steps in a row while streams wait (0: no bound)
     phase_max_prefill_steps: int = Field(default=2, ge=0)
     prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
-    # speculative decoding: off, or ngram (prompt lookup: proposals from the request's own text)
-    speculative: Literal["off", "ngram"] = "off"
+    # speculative decoding: off; ngram (prompt lookup: proposals from the request's own text);
+    # draft (a draft model, TOKENFLEET_DRAFT_MODEL, or the model's first draft_layers layers)
+    speculative: Literal["off", "ngram", "draft"] = "off"
     speculative_tokens: int = Field(default=4, ge=1, le=16)  # k: most tokens proposed a step
     speculative_ngram: int = Field(default=3, ge=1, le=8)  # longest suffix matched (down to 1)
-    speculative_max_rows: int = Field(default=4, ge=0)  # speculate only while <= this decode
+    # speculate only while at most this many rows decode (None: the method's measured crossover)
+    speculative_max_rows: int | None = Field(default=None, ge=0)
+    draft_model: str | None = None  # local HF dir with the model's tokenizer (None: self-draft)
+    draft_layers: int = Field(default=8, ge=1)  # self-draft: the target's first layers
 
     # --- Request limits ----------------------------------------------------------------
     default_max_tokens: int = 256

@@ -139,7 +139,7 @@ def test_auto_keeps_none_when_no_mode_is_faster() -> None:
 
 def test_auto_keeps_none_when_nothing_was_measured() -> None:
     assert choose_quantization(CPU_BF16, {"a": 2.0}, quality={}).mode == "none"
-    assert choose_quantization(CPU_BF16, {}).mode == "none"
+    assert choose_quantization(CPU_BF16, {}, quality={}).mode == "none"
 
 
 def test_only_cpu_with_reduced_precision_probes_int8() -> None:

@@ -167,3 +167,42 @@ def test_opt_out_penalties_and_a_full_batch_do_not_speculate(model32: torch.nn.M
         engine.step()
     assert len(engine.scheduler.running) == 3
     assert engine.stats().spec_proposed == 0
+
+
+def _seqs(n: int) -> list:
+    from worker.engine.sequence import Sequence
+
+    out = []
+    for i in range(n):
+        seq = Sequence(str(i), [5, 6, 7, 8, 5, 6, 7, 8, 5, 6], greedy(32), 0.0)
+        seq.num_cached = seq.num_prompt_tokens - 1
+        out.append(seq)
+    return out
+
+
+def test_rows_step_aside_by_their_acceptance_as_the_batch_fills() -> None:
+    """Default (measured) steps: alone a row always speculates; among more rows only while
+    its own acceptance reaches that batch size's bound; above the last bound never."""
+    from worker.engine.speculative import STEP_ASIDE, Speculator, min_acceptance
+
+    spec = Speculator(SpeculativeConfig("ngram"))
+    steps = STEP_ASIDE["ngram"]
+    largest = steps[-1][0]
+    assert set(spec.propose(_seqs(1), 512)) == {"0"}
+    four = _seqs(4)
+    assert set(spec.propose(four, 512)) == {"0", "1", "2", "3"}  # the prior lets them try
+    spec.record("0", 4, 0)  # row 0 missed everything, row 1 took everything
+    spec.record("1", 4, 4)
+    bound = min_acceptance("ngram", 4)
+    assert bound is not None and spec.acceptance("0") < bound <= spec.acceptance("1")
+    assert "0" not in spec.propose(four, 512) and "1" in spec.propose(four, 512)
+    assert "0" in spec.propose(four[:1], 512)  # alone it tries again
+    eight = _seqs(8)  # above PROBE_ROWS only rows with evidence and the acceptance speculate
+    spec.record("1", 4, 4)
+    spec.record("2", 8, 3)
+    assert min_acceptance("ngram", 8) is not None
+    assert set(spec.propose(eight, 512)) == {"1"}
+    assert spec.propose(_seqs(largest + 1), 512) == {}
+    assert min_acceptance("ngram", largest + 1) is None
+    spec.forget("0")
+    assert spec.acceptance("0") == 1.0

@@ -15,8 +15,9 @@ import torch
 from shared.protocol import SamplingParams
 from worker.engine.choices import ChoiceGroups
 from worker.engine.detokenizer import IncrementalDetokenizer, TokenDecoder
+from worker.engine.draft import DraftProposer, early_exit_runner
 from worker.engine.grammar import GrammarBackend, GrammarError
-from worker.engine.model_runner import ModelRunner, PrefillChunk
+from worker.engine.model_runner import ModelRunner, PrefillChunk, TransformerRunner
 from worker.engine.prefix_cache import PrefixCache
 from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.scheduler import (
@@ -26,7 +27,7 @@ from worker.engine.scheduler import (
     SchedulingPolicy,
 )
 from worker.engine.sequence import Sequence, SequenceStatus
-from worker.engine.speculative import NgramSpeculator, SpeculativeConfig, accepted_run
+from worker.engine.speculative import SpeculativeConfig, Speculator, accepted_run
 from worker.engine.types import EngineRequest, EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ class EngineConfig:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: TokenDecoder, config: EngineConfig,
-                 grammars: GrammarBackend | None = None) -> None:
+                 grammars: GrammarBackend | None = None,
+                 draft: ModelRunner | None = None) -> None:
+        """``draft``: the draft model's runner (own cache) for ``speculative.method ==
+        "draft"``; without one, the draft is the target's first ``draft_layers`` layers."""
         self.runner = runner
         self.grammars = grammars  # structured outputs; None: requests that need one fail
         self.decoder = decoder
@@ -73,7 +77,8 @@ class LLMEngine:
             self.prefix = PrefixCache(self.cache.shape, config.prefix_cache_tokens,
                                       config.prefix_block_size)
         self.sampler = Sampler(list(config.eos_token_ids))
-        self.speculator = NgramSpeculator(config.speculative)
+        self.speculator = Speculator(config.speculative,
+                                     self._draft_proposer(runner, config.speculative, draft))
         self.eos = frozenset(config.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
         self.detoks: dict[str, IncrementalDetokenizer] = {}
@@ -168,7 +173,11 @@ class LLMEngine:
         if plan.is_empty:
             return outputs
         self._steps += 1
-        drafts = self.speculator.propose(plan.decodes, self.runner.max_context)
+        try:
+            drafts = self.speculator.propose(plan.decodes, self.runner.max_context)
+        except Exception:  # a failing draft costs the speedup, never the requests
+            log.exception("speculative proposals failed; decoding this step plainly")
+            drafts = {}
         try:
             sampled, logits = self._run(plan, drafts)
         except Exception:  # any failure: find the culprit, keep the rest
@@ -235,7 +244,7 @@ class LLMEngine:
             if len(group) != len(draft) + 1 or seq.id not in self.seqs:
                 continue  # failed while sampling
             run = accepted_run(draft, [token for token, _ in group])
-            self.speculator.record(len(draft), len(run) - 1)
+            self.speculator.record(seq.id, len(draft), len(run) - 1)
             state = states.get(seq.id)
             if state is not None and seq.generator is not None:
                 seq.generator.set_state(state)  # one uniform per emitted token, as without
@@ -246,6 +255,22 @@ class LLMEngine:
         return out
 
     # --- internals --------------------------------------------------------------------------
+    @staticmethod
+    def _draft_proposer(runner: ModelRunner, spec: SpeculativeConfig,
+                        draft: ModelRunner | None) -> DraftProposer | None:
+        if spec.method != "draft":
+            return None
+        if draft is None:
+            if not isinstance(runner, TransformerRunner):
+                raise ValueError("a self-draft needs the target's TransformerRunner")
+            draft = early_exit_runner(runner, min(spec.draft_layers, len(runner.layers)))
+            log.info("speculative draft: the target's first %d of %d layers (self-draft)",
+                     len(draft.layers), len(runner.layers))
+        elif draft.vocab_size != runner.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.vocab_size}) is not the "
+                             f"target's ({runner.vocab_size})")
+        return DraftProposer(draft)
+
     def _matcher(self, params: SamplingParams) -> Any:
         if not params.guided_kind:
             return None
@@ -489,6 +514,7 @@ class LLMEngine:
         self.scheduler.remove(seq)
         if seq.id in self.cache:
             self.cache.free(seq.id)
+        self.speculator.forget(seq.id)
         del self.seqs[seq.id]
         self.detoks.pop(seq.id, None)
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.errors import ModelLoadError
 from shared.model_info import ModelInfo
 from shared.protocol import SamplingParams
 from shared.settings import Settings
@@ -71,8 +72,28 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         speculative=SpeculativeConfig(
             method=settings.speculative, num_tokens=settings.speculative_tokens,
             ngram_max=settings.speculative_ngram, ngram_min=1,
-            max_rows=settings.speculative_max_rows),
+            max_rows=settings.speculative_max_rows, draft_layers=settings.draft_layers),
     )
+
+
+def load_draft(settings: Settings, target: LoadedModel) -> TransformerRunner | None:
+    """The draft model's runner (``TOKENFLEET_SPECULATIVE=draft`` with
+    ``TOKENFLEET_DRAFT_MODEL``), unquantized, in the target's dtype; None for a self-draft
+    or another method. Its tokenizer must be the target's (the same vocabulary)."""
+    if settings.speculative != "draft" or not settings.draft_model:
+        return None
+    path = Path(settings.draft_model)
+    if not path.is_dir():
+        raise ModelLoadError(f"TOKENFLEET_DRAFT_MODEL={path} is not a local model directory")
+    draft = load_model(settings.model_copy(update={
+        "model": str(path), "quantization": "none",
+        "dtype": str(target.dtype).removeprefix("torch.")}), path, use_prepared=False)
+    if draft.tokenizer.get_vocab() != target.tokenizer.get_vocab():
+        raise ModelLoadError(f"the draft model at {path} does not use the model's tokenizer")
+    runner = TransformerRunner(draft.model)
+    log.info("speculative draft: %s (%d layers, %.1f MiB)", path.name, len(runner.layers),
+             draft.memory_bytes / 2**20)
+    return runner
 
 
 def grammar_backend(loaded: LoadedModel, vocab_size: int,
@@ -114,7 +135,8 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     runner = TransformerRunner(loaded.model)
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
-                       grammars=grammar_backend(loaded, runner.vocab_size, eos))
+                       grammars=grammar_backend(loaded, runner.vocab_size, eos),
+                       draft=load_draft(settings, loaded))
     if on_stage is not None:
         on_stage("weights")
     log.info("warm-up took %.2f s", warm_up(engine))

@@ -121,6 +121,14 @@ class RowKVCache:
     def advance(self, seq_id: str, num_tokens: int) -> None:
         self._lengths[self._row_of[seq_id]] += num_tokens
 
+    def truncate(self, seq_id: str, length: int) -> None:
+        """Roll a row back to its first ``length`` tokens (speculative drafts): later
+        positions are masked by the row's length and overwritten by later writes."""
+        row = self._row_of[seq_id]
+        if not 0 <= length <= self._lengths[row]:
+            raise ValueError(f"cannot truncate {seq_id} from {self._lengths[row]} to {length}")
+        self._lengths[row] = length
+
     # --- tensors ----------------------------------------------------------------------------
     def ensure_capacity(self, rows: int, length: int) -> None:
         """Make room for ``rows`` rows of ``length`` tokens (never less than the longest row

@@ -18,6 +18,7 @@ from worker.engine.quant_choice import (
     Choice,
     candidate_speedups,
     choose_quantization,
+    measured_quality,
     model_shapes,
 )
 from worker.engine.quant_store import (
@@ -116,7 +117,8 @@ def pick_quantization(settings: Settings, device: torch.device, dtype: torch.dty
         shapes = model_shapes(AutoConfig.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError, TypeError, AttributeError):
         shapes = []
-    return choose_quantization(caps, candidate_speedups(caps, shapes) if shapes else {})
+    return choose_quantization(caps, candidate_speedups(caps, shapes) if shapes else {},
+                               measured_quality(path.name, dtype))
 
 
 def load_model(settings: Settings, path: Path, *, use_prepared: bool = True) -> LoadedModel:

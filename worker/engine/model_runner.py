@@ -116,9 +116,11 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch
     runs alone or in a batch; in fp32 (measured here: MKL, AVX-512) M = 2 and 3 round
     differently from M >= 4 as well. Padding to four rows takes the path of any batch; the
     cost is not measurable because such steps are bound by reading the weights.
+    Quantized modules that set ``unpadded_rows`` (weight_int8: its int8pack kernel's cost
+    grows with rows, and its rounding already depends on the row count) run unpadded.
     """
     n = x.shape[0]
-    if n >= _MIN_ROWS:
+    if n >= _MIN_ROWS or getattr(fn, "unpadded_rows", False):
         return fn(x)
     return fn(_pad_rows(x, _MIN_ROWS))[:n]
 

@@ -1,11 +1,11 @@
 """``TOKENFLEET_QUANTIZATION=auto``: the fastest mode, on this device and CPU, whose quality
 loss stays under a stated bound; ``none`` unless a quantized mode is faster at batch 1.
 
-Quality is a property of the mode and the model, measured offline by ``tokenfleet bench
---systems quant`` (docs/benchmarks.md) and kept in ``MEASURED_QUALITY``. Speed is a property
-of the machine, so the candidate that can pay is probed here at load (about 0.1 s): one of
-the model's projections at two rows (what a single-request decode step runs), int8 weights
-against the unquantized compute dtype.
+Quality is a property of the mode and the model, measured offline by ``python -m bench.quant``
+(bench/data/quant_quality.json, docs/benchmarks.md) and kept in ``MEASURED_QUALITY``. Speed is
+a property of the machine, so the candidate that can pay is probed here at load (about 0.1 s):
+the model's MLP projections as a single-request decode step runs them, int8 weights against
+the unquantized compute dtype.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ from worker.engine import weight_int8
 MAX_PERPLEXITY_INCREASE = 0.02
 # ... and must be at least this much faster than the unquantized dtype at batch 1.
 MIN_SPEEDUP = 1.05
+# model_runner pads unquantized matmuls of 1-3 rows to this many (batch-invariant rounding)
+PADDED_ROWS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +36,41 @@ class Quality:
     greedy_agreement: float  # share of greedy tokens equal to the unquantized model's
 
 
-# SmolLM2-135M-Instruct, bf16 compute, `tokenfleet bench --systems quant` (docs/benchmarks.md).
-# A mode missing here has no measured quality, and `auto` does not pick it.
-MEASURED_QUALITY: dict[str, Quality] = {}
+# (model directory name, compute dtype) -> mode -> quality against ``none`` in that dtype.
+# Derived by ``quality_from_report`` from bench/data/quant_quality.json, written by
+# ``python -m bench.quant --out bench/data/quant_quality.json`` (its command and machine are
+# in the file); tests/unit/test_quant_choice_data.py fails if the two disagree. (The worker
+# image does not ship bench/, hence the copy.) A model or mode missing here has no measured
+# quality, and ``auto`` does not pick it.
+MEASURED_QUALITY: dict[tuple[str, str], dict[str, Quality]] = {
+    ("SmolLM2-135M-Instruct", "bfloat16"): {
+        "int8-torch": Quality(perplexity_increase=0.0008, greedy_agreement=0.8906),
+        "int8": Quality(perplexity_increase=0.0130, greedy_agreement=0.5859),
+        "nf4": Quality(perplexity_increase=0.1893, greedy_agreement=0.1875),
+    },
+}
+
+
+def quality_from_report(report: Mapping[str, Any],
+                        ) -> dict[tuple[str, str], dict[str, Quality]]:
+    """The quality entries a ``bench.quant --out`` report supports: each quantized mode's
+    perplexity against ``none`` run in the same dtype, and its greedy agreement (against
+    the report's first mode, which is ``none``), rounded to 4 digits."""
+    modes = [m for m in report["modes"] if m.get("perplexity")]
+    out: dict[tuple[str, str], dict[str, Quality]] = {}
+    for ref in (m for m in modes if m["mode"] == "none"):
+        entry: dict[str, Quality] = {}
+        for m in modes:
+            if m["mode"].startswith("none") or m["dtype"] != ref["dtype"]:
+                continue
+            entry[m["mode"]] = Quality(round(m["perplexity"] / ref["perplexity"] - 1, 4),
+                                       round(float(m["agreement"] or 0.0), 4))
+        out[(str(report["model"]), str(ref["dtype"]))] = entry
+    return out
+
+
+def measured_quality(model: str, compute_dtype: torch.dtype) -> dict[str, Quality]:
+    return MEASURED_QUALITY.get((model, str(compute_dtype).removeprefix("torch.")), {})
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +87,7 @@ class Choice:
 
 
 def choose_quantization(caps: Capabilities, speedups: Mapping[str, float],
-                        quality: Mapping[str, Quality] = MEASURED_QUALITY,
+                        quality: Mapping[str, Quality],
                         max_perplexity_increase: float = MAX_PERPLEXITY_INCREASE) -> Choice:
     """The fastest mode with ``speedups[mode] >= MIN_SPEEDUP`` (batch-1 speed against the
     unquantized ``compute_dtype``; a mode missing there was not measured) whose measured
@@ -100,9 +135,12 @@ def candidate_speedups(caps: Capabilities, shapes: list[tuple[int, int]],
     for out_features, in_features in shapes:
         w = torch.randn(out_features, in_features).to(caps.compute_dtype)
         q, scale = weight_int8.quantize_rows(w, caps.compute_dtype)
-        x = torch.randn(2, in_features).to(caps.compute_dtype)
+        # what a single-request decode step runs: the unquantized matmul padded to the
+        # runner's minimum rows (model_runner._apply), int8pack on the one row
+        x = torch.randn(PADDED_ROWS, in_features).to(caps.compute_dtype)
         base += timer(lambda w=w, x=x: F.linear(x, w))
-        quant += timer(lambda q=q, s=scale, x=x: torch.ops.aten._weight_int8pack_mm(x, q, s))
+        one = x[:1].contiguous()
+        quant += timer(lambda q=q, s=scale, x=one: torch.ops.aten._weight_int8pack_mm(x, q, s))
     return {weight_int8.MODE: base / quant} if quant > 0 else {}
 
 
