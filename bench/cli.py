@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "at each load point); default: on,off for --workload shared-prefix, "
                         "else TOKENFLEET_PREFIX_CACHE_TOKENS only")
     parser.add_argument("--speculative", default="",
-                        help="comma-separated speculative methods (off, ngram): the engine "
+                        help="comma-separated speculative methods (off, ngram, draft): the engine "
                         "runs once per method, rows engine[spec=off], engine[spec=ngram] "
                         "(alternating at each load point, same requests); default: "
                         "TOKENFLEET_SPECULATIVE only")

@@ -293,7 +293,7 @@ def test_speculative_methods_run_as_rows_on_the_same_requests(
     assert calls[0][1] == calls[1][1]
     assert [r["system"] for r in bench.runs][:2] == ["engine[spec=off]", "engine[spec=ngram]"]
     with pytest.raises(SystemExit, match="--speculative"):
-        _bench("--speculative", "draft")
+        _bench("--speculative", "medusa")
 
 
 def test_copy_workload_repeats_a_paragraph() -> None:
