@@ -19,8 +19,10 @@ from worker.engine.draft import DraftProposer, early_exit_runner
 from worker.engine.grammar import GrammarBackend, GrammarError
 from worker.engine.model_runner import ModelRunner, PrefillChunk, TransformerRunner
 from worker.engine.prefix_cache import PrefixCache
+from worker.engine.prefix_inflight import InflightBlocks
 from worker.engine.sampler import Sampler, TokenLogprobs
 from worker.engine.scheduler import (
+    ScheduledChunk,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
@@ -31,6 +33,10 @@ from worker.engine.speculative import SpeculativeConfig, Speculator, accepted_ru
 from worker.engine.types import EngineRequest, EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
+
+# a waiting request waits for a running row's prefill when that saves it at least this many
+# prompt blocks (SGLang's in-batch prefix sharing threshold is 32 tokens: 2 blocks of 16)
+SHARED_BLOCKS_TO_WAIT = 2
 
 Sampled = tuple[Sequence, int, "TokenLogprobs | None"]  # a row, its token, its logprobs
 
@@ -71,11 +77,13 @@ class LLMEngine:
             policy=config.scheduling,
             reserve_rows=config.reserve_rows,
             phase_max_prefill_steps=config.phase_max_prefill_steps,
-        ), on_admit=self._admit)
+        ), on_admit=self._admit, should_wait=self._should_wait)
         self.prefix: PrefixCache | None = None
         if config.prefix_cache_tokens >= config.prefix_block_size:
             self.prefix = PrefixCache(self.cache.shape, config.prefix_cache_tokens,
                                       config.prefix_block_size)
+        self.inflight = InflightBlocks(config.prefix_block_size)  # prompt blocks computing now
+        self._hits: dict[str, tuple[int, list[int]]] = {}  # admitted, hit not copied in yet
         self.sampler = Sampler(list(config.eos_token_ids))
         self.speculator = Speculator(config.speculative,
                                      self._draft_proposer(runner, config.speculative, draft))
@@ -286,33 +294,68 @@ class LLMEngine:
         return self.grammars.masks([s.matcher for s in seqs], logits.shape[-1], logits.device)
 
     def _admit(self, seq: Sequence) -> None:
-        """A sequence joins the batch: give it a row and copy in its cached prefix, if any."""
-        row = self.cache.allocate(seq.id)
+        """A sequence joins the batch: give it a row and find its cached prefix, if any. The
+        hit counts as in its row at once (the scheduler cuts the first chunk after it); the
+        copy waits for ``_run``, which sizes the cache once for everything admitted in the
+        step (growing it admission by admission would copy the batch over and over)."""
+        self.cache.allocate(seq.id)
         if self.prefix is None:
             return
         hit, slots = self.prefix.match(seq.prompt_token_ids)
-        if hit:
-            try:
-                self.cache.ensure_capacity(self.cache.num_rows, hit)
-                self.prefix.load(self.cache, row, hit, slots)
-            except (RuntimeError, MemoryError) as exc:  # prefill it instead
-                log.warning("copying a cached prefix failed, prefilling it: %r", exc)
-                hit = 0
         self.prefix.record(seq.num_prompt_tokens, hit)
         if hit:
+            self._hits[seq.id] = (hit, slots)
             seq.num_cached = hit
             self.cache.advance(seq.id, hit)
+        self.inflight.start(seq.id, seq.prompt_token_ids, hit)
+
+    def _should_wait(self, seq: Sequence) -> bool:
+        """Hold a waiting sequence back while running rows prefill at least
+        ``SHARED_BLOCKS_TO_WAIT`` of its next uncached prompt blocks (they reach the prefix
+        cache chunk by chunk, and it then copies them instead of computing them again)."""
+        if self.prefix is None or not self.inflight:
+            return False
+        cached = self.prefix.peek(seq.prompt_token_ids)
+        ahead = self.inflight.ahead(seq.prompt_token_ids, cached)
+        bs = self.prefix.block_size
+        return (ahead >= SHARED_BLOCKS_TO_WAIT
+                and (cached // bs + ahead) * bs <= self.prefix.capacity_tokens)
+
+    def _copy_hits(self, plan: SchedulerOutput) -> None:
+        """Copy the prefixes found at admission into the rows of this plan (the cache is
+        sized); one that cannot be copied is prefilled instead."""
+        for chunk in plan.prefills:
+            pending = self._hits.pop(chunk.seq.id, None)
+            if pending is None:
+                continue
+            assert self.prefix is not None
+            try:
+                self.prefix.load(self.cache, self.cache.row_of(chunk.seq.id), *pending)
+            except (RuntimeError, MemoryError) as exc:
+                log.warning("copying a cached prefix failed, prefilling it: %r", exc)
+                self._prefill_hit(chunk)
+
+    def _prefill_hit(self, chunk: ScheduledChunk) -> None:
+        """Undo a hit not copied in: the chunk starts at the prompt's first token."""
+        hit = chunk.start
+        chunk.seq.num_cached -= hit
+        self.cache.advance(chunk.seq.id, -hit)
+        chunk.start, chunk.length = 0, chunk.length + hit
 
     def _remember_prompts(self, plan: SchedulerOutput) -> None:
-        """Put the prompts this step completed into the prefix cache (best effort)."""
+        """Put the prompt blocks this step computed into the prefix cache at once, chunk by
+        chunk (best effort): a request waiting for them can be admitted at the next step."""
         if self.prefix is None:
             return
         for c in plan.prefills:
-            if not c.completes_prompt:
+            if c.completes_prompt:
+                self.inflight.done(c.seq.id)
+            end = c.start + c.length
+            if end < self.prefix.block_size:
                 continue
             try:
                 self.prefix.insert(self.cache, self.cache.row_of(c.seq.id),
-                                   c.seq.prompt_token_ids)
+                                   c.seq.prompt_token_ids[:end])
             except (RuntimeError, MemoryError) as exc:
                 log.warning("caching the prompt of %s failed: %r", c.seq.id, exc)
 
@@ -342,6 +385,7 @@ class LLMEngine:
                       + [s.num_cached + 1 + len(drafts[s.id]) for s in verifies]
                       + [c.start + c.length for c in plan.prefills])
         self.cache.ensure_capacity(self.cache.num_rows, longest)
+        self._copy_hits(plan)
         parts: list[torch.Tensor] = []
         if decodes:
             self.cache.move_to_front([s.id for s in decodes])
@@ -370,7 +414,12 @@ class LLMEngine:
     def _run_isolated(
         self, plan: SchedulerOutput,
     ) -> tuple[list[Sequence], torch.Tensor, list[RequestOutput]]:
-        """Run each participant of a failed step alone; fail only those that fail alone."""
+        """Run each participant of a failed step alone; fail only those that fail alone.
+        Hits not copied in yet are prefilled instead: a participant run alone inserts its
+        prompt into the prefix cache, which may evict the blocks another one would copy."""
+        for chunk in plan.prefills:
+            if self._hits.pop(chunk.seq.id, None) is not None:
+                self._prefill_hit(chunk)
         sampled: list[Sequence] = []
         rows: list[torch.Tensor] = []
         failed: list[RequestOutput] = []
@@ -512,6 +561,8 @@ class LLMEngine:
             return
         seq.status = status
         self.scheduler.remove(seq)
+        self.inflight.done(seq.id)
+        self._hits.pop(seq.id, None)
         if seq.id in self.cache:
             self.cache.free(seq.id)
         self.speculator.forget(seq.id)

@@ -85,7 +85,15 @@ class PrefixCache:
     def match(self, prompt: list[int]) -> tuple[int, list[int]]:
         """Longest usable cached prefix: ``(tokens, slots of the blocks it uses)``.
 
-        At most ``len(prompt) - 1`` tokens, so the last prompt token is always prefilled."""
+        At most ``len(prompt) - 1`` tokens, so the last prompt token is always prefilled.
+        Marks the blocks used as the most recent."""
+        hit, chain, slots = self._lookup(prompt)
+        self._touch(chain)
+        return hit, slots
+
+    def _lookup(self, prompt: list[int]) -> tuple[int, list[int], list[int]]:
+        """``(hit tokens, nodes, slots)`` of the longest usable cached prefix (no side
+        effects)."""
         limit = len(prompt) - 1
         bs = self.block_size
         parent, matched, slots = ROOT, 0, []
@@ -112,8 +120,7 @@ class PrefixCache:
         while slots and (len(slots) - 1) * bs >= hit:  # blocks the cap left unused
             slots.pop()
             chain.pop()
-        self._touch(chain)
-        return hit, slots
+        return hit, chain, slots
 
     def load(self, cache: RowKVCache, row: int, hit: int, slots: list[int]) -> None:
         """Copy a hit's keys/values into positions ``0 .. hit-1`` of ``row``."""
@@ -133,10 +140,7 @@ class PrefixCache:
 
     def peek(self, prompt: list[int]) -> int:
         """The hit ``prompt`` would get now (no copy, no statistics, LRU untouched)."""
-        order = list(self._lru)
-        hit, _ = self.match(prompt)
-        self._lru = OrderedDict.fromkeys(order)
-        return hit
+        return self._lookup(prompt)[0]
 
     # --- insert --------------------------------------------------------------------------
     def insert(self, cache: RowKVCache, row: int, prompt: list[int]) -> int:

@@ -15,6 +15,11 @@ Policy, no tensors and no I/O (vLLM's ``schedule()`` / ``update`` contract):
   drains enough for it. Batch-lane sequences leave ``reserve_rows`` rows (at the current
   longest reservation) free, so an interactive request that arrives while a batch job fills
   the worker is admitted at the next step instead of waiting for a batch row to finish.
+- a waiting sequence for which ``should_wait`` says so (the engine: its next prompt blocks
+  are being prefilled by a running row, worker/engine/prefix_inflight.py) is skipped for
+  this step and keeps its place at the head; the sequences behind it are considered as if
+  it were not there (it takes no row and no budget), so a burst sharing a prefix computes
+  it once and the rest of the queue is not held up.
 
 Two policies (``SchedulerConfig.policy``, ``TOKENFLEET_SCHEDULING``):
 - ``mixed`` (chunked prefill, as vLLM v1 and Sarathi-Serve): every step decodes every
@@ -79,7 +84,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig,
-                 on_admit: Callable[[Sequence], None] | None = None) -> None:
+                 on_admit: Callable[[Sequence], None] | None = None,
+                 should_wait: Callable[[Sequence], bool] | None = None) -> None:
         if config.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {config.policy!r}; choose from "
                              f"{', '.join(SCHEDULING_POLICIES)}")
@@ -87,6 +93,8 @@ class Scheduler:
         # called as a sequence joins the batch, before its first chunk is cut: the engine
         # gives it a cache row there and copies a cached prefix in (``num_cached`` grows)
         self.on_admit = on_admit
+        # asked about each waiting sequence before it is admitted: True holds it back a step
+        self.should_wait = should_wait
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._prefill_streak = 0  # phase: prefill-only steps in a row with decoders paused
@@ -155,15 +163,24 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        """Waiting sequences in arrival order, while the budgets allow (first come first served)."""
-        while self.waiting and budget > 0 and self._fits(self.waiting[0]):
-            seq = self.waiting.popleft()
+        """Waiting sequences in arrival order, while the budgets allow (first come first
+        served), past those ``should_wait`` holds back (they keep their places)."""
+        held: list[Sequence] = []
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if self.should_wait is not None and self.should_wait(seq):
+                held.append(self.waiting.popleft())
+                continue
+            if not self._fits(seq):
+                break
+            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.admitted.append(seq)
             if self.on_admit is not None:
                 self.on_admit(seq)
             budget -= self._chunk(out, seq, budget)
+        self.waiting.extendleft(reversed(held))
 
     def _chunk(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
         length = min(seq.num_prompt_tokens - seq.num_cached, budget)
