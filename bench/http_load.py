@@ -115,10 +115,13 @@ async def _sample_batch(redis_url: str, prefix: str, stop: asyncio.Event,
 
 async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | None = None,
                    prefix: str = "tf", http_client: str = "httpx",
-                   extra_body: Mapping[str, Any] | None = None) -> RunResult:
+                   extra_body: Mapping[str, Any] | None = None,
+                   keepalive: bool = True) -> RunResult:
     """Streaming chat clients driven by ``load`` (closed or open loop), all on one client
     with a large connection pool: ``httpx.AsyncClient``, or the leaner ``RawClient``. With
-    ``redis_url``, the mean running batch is sampled from the workers' heartbeats."""
+    ``redis_url``, the mean running batch is sampled from the workers' heartbeats.
+    ``keepalive=False`` (httpx only) opens a connection per request: for servers that close
+    a connection after a streamed answer (llama-server), where reusing it would fail."""
     if http_client not in HTTP_CLIENTS:
         raise ValueError(f"unknown HTTP client {http_client!r}")
     async with contextlib.AsyncExitStack() as stack:
@@ -129,7 +132,8 @@ async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | No
         else:
             client = await stack.enter_async_context(httpx.AsyncClient(
                 base_url=base_url, timeout=httpx.Timeout(600, connect=10),
-                limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024)))
+                limits=httpx.Limits(max_connections=1024,
+                                    max_keepalive_connections=1024 if keepalive else 0)))
             lines = httpx_lines(client)
         return await _drive(lines, model, load, redis_url, prefix, extra_body)
 
