@@ -113,8 +113,8 @@ def choose_quantization(caps: Capabilities, speedups: Mapping[str, float],
         return Choice("none", f"on {where} no quantized mode pays: {detail}")
     speedup, mode = best
     loss = quality[mode]
-    return Choice(mode, f"on {where} {mode} runs {speedup:.2f}x the speed of {dtype} at "
-                        f"batch 1, perplexity +{loss.perplexity_increase:.1%} (bound "
+    return Choice(mode, f"on {where} {mode}'s single-request matmuls run {speedup:.2f}x the "
+                        f"speed of {dtype}'s, perplexity +{loss.perplexity_increase:.1%} (bound "
                         f"+{max_perplexity_increase:.0%}), greedy agreement "
                         f"{loss.greedy_agreement:.0%}")
 
