@@ -166,3 +166,27 @@ def test_an_explicit_mode_is_used_as_set(tmp_path: Path) -> None:
     settings = Settings(quantization="nf4", model_dir=tmp_path)
     choice = pick_quantization(settings, torch.device("cpu"), BF16, tmp_path)
     assert choice.mode == "nf4"
+
+
+def test_int8_modules_run_single_rows_unpadded() -> None:
+    """model_runner pads 1-3 row matmuls to 4 rows for batch-invariant rounding; int8pack's
+    cost grows with rows, so int8 modules (and the MLPs made of them) skip the padding."""
+    from worker.engine.model_runner import TransformerRunner
+
+    model = weight_int8.quantize_model(_tied_llama(), BF16)
+    layer = model.model.layers[0]
+    assert layer.mlp.unpadded_rows and layer.self_attn.q_proj.unpadded_rows
+    seen: list[int] = []
+
+    def spy(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+
+    hooks = [m.register_forward_pre_hook(spy) for m in model.modules()
+             if isinstance(m, weight_int8.Int8Linear)]
+    runner = TransformerRunner(model)
+    runner.cache.ensure_capacity(1, 8)
+    runner.cache.allocate("a")
+    runner.decode([5], [0])
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {1}
