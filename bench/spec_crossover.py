@@ -17,7 +17,9 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +89,9 @@ def make_engine(runner: Any, decoder: Any, eos: list[int], method: str, k: int,
 
 
 def measure(batches: list[int], methods: list[str], workloads: list[str], max_tokens: int,
-            k: int, rounds: int) -> list[Cell]:
+            k: int, rounds: int, on_batch: Callable[[list[Cell]], None] | None = None,
+            ) -> list[Cell]:
+    """``on_batch(cells so far)`` after each batch size (a run cut short keeps its data)."""
     from shared.settings import Settings
     from worker.engine.factory import eos_token_ids, load_draft, warm_up
     from worker.engine.loader import load_model
@@ -129,6 +133,8 @@ def measure(batches: list[int], methods: list[str], workloads: list[str], max_to
                 log.info("%s b%d %s: %.1f tok/s, acceptance %s", workload, b, cell.method,
                          cell.tok_s, cell.acceptance)
             cells.extend(row.values())
+            if on_batch is not None:
+                on_batch(cells)
     return cells
 
 
@@ -156,19 +162,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    argv = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     methods = [m for m in args.methods.split(",") if m]
     if "off" not in methods:
         methods.insert(0, "off")
+    command = "python -m bench.spec_crossover " + " ".join(argv or [])
+
+    def save(cells: list[Cell]) -> None:
+        if args.out is not None:
+            args.out.write_text(json.dumps({
+                "command": command, "load_average": list(os.getloadavg()),
+                "cells": [asdict(c) | {"acceptance": c.acceptance} for c in cells]}, indent=2))
+
     cells = measure([int(b) for b in args.batches.split(",")], methods,
-                    args.workloads.split(","), args.max_tokens, args.tokens, args.rounds)
-    table = markdown(cells)
-    print(table)
-    if args.out is not None:
-        args.out.write_text(json.dumps({
-            "command": "python -m bench.spec_crossover " + " ".join(argv or []),
-            "load_average": list(os.getloadavg()),
-            "cells": [asdict(c) | {"acceptance": c.acceptance} for c in cells]}, indent=2))
+                    args.workloads.split(","), args.max_tokens, args.tokens, args.rounds, save)
+    print(markdown(cells))
     return 0
 
 
