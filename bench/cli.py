@@ -136,8 +136,15 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     return parser
 
 
-def _csv(text: str, kind: type[int] | type[float]) -> list[Any]:
-    return [kind(x) for x in text.split(",") if x.strip()]
+def _csv(text: str, kind: type[int] | type[float], flag: str = "") -> list[Any]:
+    """Comma-separated load points; each may appear once (a point run twice would give two
+    rows with the same key, which the report, the plots and the targets cannot tell apart)."""
+    values = [kind(x) for x in text.split(",") if x.strip()]
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise SystemExit(f"{flag or 'a list'} names {', '.join(f'{v:g}' for v in twice)} "
+                         f"more than once ({text!r}); give each load point once")
+    return values
 
 
 class Bench:
@@ -150,9 +157,11 @@ class Bench:
             raise SystemExit(f"unknown systems: {', '.join(sorted(unknown))}")
         self.is_open = args.mode == "open"
         self.cap = QUICK_MAX_TOKENS if args.quick else None
-        self.concurrency = [1, 4] if args.quick else _csv(args.concurrency, int)
-        self.baseline_concurrency = [4] if args.quick else _csv(args.baseline_concurrency, int)
-        self.rates: list[float] = _csv(args.rate, float) if self.is_open else []
+        self.concurrency = [1, 4] if args.quick else _csv(args.concurrency, int, "--concurrency")
+        self.baseline_concurrency = [4] if args.quick else _csv(
+            args.baseline_concurrency, int, "--baseline-concurrency")
+        self.rates: list[float] = _csv(args.rate, float, "--rate") if self.is_open else []
+        self.bus_gateways = [1] if args.quick else _csv(args.bus_gateways, int, "--bus-gateways")
         self.scheduling = [p.strip() for p in args.scheduling.split(",") if p.strip()]
         wrong = set(self.scheduling) - set(SCHEDULING_POLICIES)
         if wrong or len(set(self.scheduling)) != len(self.scheduling):
@@ -373,7 +382,7 @@ class Bench:
             reqs = make_requests("uniform", count, tokens)
             return ClosedLoop(split_among_clients(reqs, clients or 1))
 
-        for processes in [1] if self.args.quick else _csv(self.args.bus_gateways, int):
+        for processes in self.bus_gateways:
             system = bus_system(processes)
             self.describe(system, f"{note}; {processes} gateway process"
                           f"{'es' if processes > 1 else ''} on one port")

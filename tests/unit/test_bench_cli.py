@@ -303,3 +303,17 @@ def test_copy_workload_repeats_a_paragraph() -> None:
     assert all(r.prompt.startswith(COPY_INSTRUCTION) for r in reqs)
     assert all(r.max_tokens == COPY_MAX_TOKENS for r in reqs)
     assert reqs[0].prompt != reqs[1].prompt and reqs[0].prompt == reqs[4].prompt
+
+
+@pytest.mark.parametrize("flags", [("--concurrency", "1,1"), ("--concurrency", "4,32,4"),
+                                   ("--baseline-concurrency", "32,32"),
+                                   ("--mode", "open", "--rate", "2,2.0")])
+def test_a_load_point_given_twice_is_refused_with_a_clear_message(flags: tuple[str, ...],
+                                                                   ) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _bench(*flags)
+    assert "more than once" in str(exc.value) and flags[-2] in str(exc.value)
+
+
+def test_distinct_load_points_are_kept_in_order() -> None:
+    assert _bench("--concurrency", "32,1,4").concurrency == [32, 1, 4]
