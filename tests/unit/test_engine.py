@@ -213,6 +213,13 @@ class _PoisonRunner:
             raise MemoryError("poisoned prefill")
         return self.inner.prefill(chunks)  # type: ignore[attr-defined]
 
+    def decode_and_prefill(self, token_ids: list[int], positions: list[int],
+                           chunks: list) -> torch.Tensor:  # type: ignore[type-arg]
+        if self.POISON in token_ids or any(self.POISON in c.token_ids for c in chunks):
+            raise RuntimeError("poisoned step")
+        return self.inner.decode_and_prefill(  # type: ignore[attr-defined]
+            token_ids, positions, chunks)
+
 
 def test_a_failing_request_fails_alone_and_the_batch_keeps_its_tokens(
         model32: torch.nn.Module) -> None:

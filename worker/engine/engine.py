@@ -386,19 +386,21 @@ class LLMEngine:
                       + [c.start + c.length for c in plan.prefills])
         self.cache.ensure_capacity(self.cache.num_rows, longest)
         self._copy_hits(plan)
-        parts: list[torch.Tensor] = []
         if decodes:
             self.cache.move_to_front([s.id for s in decodes])
-            parts.append(self.runner.decode([s.last_token_id for s in decodes],
-                                            [s.num_cached for s in decodes]))
-        if plan.prefills or verifies:
-            chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
-                                   c.seq.prompt_token_ids[c.start:c.start + c.length],
-                                   c.completes_prompt) for c in plan.prefills]
-            chunks += [PrefillChunk(self.cache.row_of(s.id), s.num_cached,
-                                    [s.last_token_id, *drafts[s.id]], True,
-                                    len(drafts[s.id]) + 1) for s in verifies]
-            parts.append(self.runner.prefill(chunks))
+        chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
+                               c.seq.prompt_token_ids[c.start:c.start + c.length],
+                               c.completes_prompt) for c in plan.prefills]
+        chunks += [PrefillChunk(self.cache.row_of(s.id), s.num_cached,
+                                [s.last_token_id, *drafts[s.id]], True,
+                                len(drafts[s.id]) + 1) for s in verifies]
+        ids, positions = [s.last_token_id for s in decodes], [s.num_cached for s in decodes]
+        if decodes and chunks:  # one pass: the weights are read once for the whole step
+            logits = self.runner.decode_and_prefill(ids, positions, chunks)
+        elif decodes:
+            logits = self.runner.decode(ids, positions)
+        else:
+            logits = self.runner.prefill(chunks)
         for seq in decodes:
             seq.num_cached += 1
             self.cache.advance(seq.id, 1)
@@ -408,7 +410,6 @@ class LLMEngine:
         self._remember_prompts(plan)
         sampled = decodes + [c.seq for c in plan.prefills if c.completes_prompt]
         sampled += [s for s in verifies for _ in range(len(drafts[s.id]) + 1)]
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         return sampled, logits
 
     def _run_isolated(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.engine.kv_cache import CacheShape, RowKVCache
+from worker.engine.packed import PackedLinear, pack_linear
 
 
 @dataclass(slots=True)
@@ -47,6 +48,10 @@ class ModelRunner(Protocol):
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """Feed one token to each of rows ``0 .. B-1``; logits ``[B, vocab]`` (float32)."""
 
+    def decode_and_prefill(self, token_ids: list[int], positions: list[int],
+                           chunks: list[PrefillChunk]) -> torch.Tensor:
+        """``decode`` and ``prefill`` of one step in one pass: their logits, concatenated."""
+
 
 _EXACT_CANDIDATES = 8
 
@@ -62,10 +67,16 @@ class FusedWeights:
     qkv_weight: torch.Tensor
     qkv_bias: torch.Tensor | None
     gate_up_weight: torch.Tensor
+    # the same four projections packed for oneDNN (bf16 on CPU; None: F.linear), see packed.py
+    qkv_packed: PackedLinear | None = None
+    gate_up_packed: PackedLinear | None = None
+    o_packed: PackedLinear | None = None
+    down_packed: PackedLinear | None = None
 
 
-def _fuse_layer(layer: torch.nn.Module) -> FusedWeights | None:
-    """Fuse plain (unquantized, bias-free MLP, SiLU) layers; None leaves the modules as is."""
+def _fuse_layer(layer: torch.nn.Module, pack: bool = True) -> FusedWeights | None:
+    """Fuse plain (unquantized, bias-free MLP, SiLU) layers; None leaves the modules as is.
+    ``pack``: also pack the four projections for oneDNN where that is bitwise the same."""
     attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
     linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -83,6 +94,14 @@ def _fuse_layer(layer: torch.nn.Module) -> FusedWeights | None:
             b if b is not None else torch.zeros_like(m.weight[:, 0])
             for b, m in zip(biases, (q, k, v), strict=True)])
     fused = FusedWeights(_concat_into_views([q, k, v]), qkv_bias, _concat_into_views([gate, up]))
+    if not pack:
+        return fused
+    o, down = attn.o_proj, linears[5]
+    if type(o) is torch.nn.Linear:
+        fused.o_packed = pack_linear(o.weight, o.bias)
+    fused.qkv_packed = pack_linear(fused.qkv_weight, qkv_bias)
+    fused.gate_up_packed = pack_linear(fused.gate_up_weight)
+    fused.down_packed = pack_linear(down.weight, down.bias)
     return fused
 
 
@@ -101,8 +120,11 @@ def _concat_into_views(modules: list[torch.nn.Linear]) -> torch.Tensor:
 _MIN_ROWS = 4
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            packed: PackedLinear | None = None) -> torch.Tensor:
+    """``F.linear``, through the packed weight when there is one (bitwise the same)."""
+    if packed is not None:
+        return _apply(packed, x)
     if x.shape[0] < _MIN_ROWS:
         return _apply(lambda t: F.linear(t, weight, bias), x)
     return F.linear(x, weight, bias)
@@ -166,7 +188,8 @@ def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 class TransformerRunner:
     """Model runner for Llama-shaped Hugging Face models."""
 
-    def __init__(self, model: torch.nn.Module, *, max_context: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, *, max_context: int | None = None,
+                 pack_weights: bool = True) -> None:
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
             raise UnsupportedModelError(
@@ -183,6 +206,9 @@ class TransformerRunner:
         self.layers = list(inner.layers)
         self.final_norm = inner.norm
         self.lm_head = model.lm_head
+        self.lm_head_packed = (pack_linear(self.lm_head.weight, self.lm_head.bias)
+                               if pack_weights and type(self.lm_head) is torch.nn.Linear
+                               else None)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -194,7 +220,7 @@ class TransformerRunner:
         self.device = self.embed.weight.device
         self.dtype = self._compute_dtype(model)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb)
-        self.fused = [_fuse_layer(layer) for layer in self.layers]
+        self.fused = [_fuse_layer(layer, pack_weights) for layer in self.layers]
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
@@ -223,7 +249,8 @@ class TransformerRunner:
         n, heads, kv = x.shape[0], self.num_heads, self.num_kv_heads
         attn = layer.self_attn
         if fused is not None and not hasattr(attn, "q_norm"):
-            qkv = _linear(x, fused.qkv_weight, fused.qkv_bias).view(n, heads + 2 * kv, -1)
+            qkv = _linear(x, fused.qkv_weight, fused.qkv_bias, fused.qkv_packed)
+            qkv = qkv.view(n, heads + 2 * kv, -1)
             qk = _rotate(qkv[:, :heads + kv], cos, sin)
             return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv:]
         q = _apply(attn.q_proj, x).view(n, heads, self.head_dim)
@@ -235,12 +262,13 @@ class TransformerRunner:
 
     def _finish_layer(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         layer, fused = self.layers[i], self.fused[i]
-        h = h + _apply(layer.self_attn.o_proj, attn_out)
+        o_proj = fused.o_packed if fused is not None else None
+        h = h + _apply(o_proj or layer.self_attn.o_proj, attn_out)
         x = _norm(layer.post_attention_layernorm, h)
         if fused is None:
             return h + _apply(layer.mlp, x)
-        gate, up = _linear(x, fused.gate_up_weight).chunk(2, dim=-1)
-        return h + _apply(layer.mlp.down_proj, F.silu(gate).mul_(up))
+        gate, up = _linear(x, fused.gate_up_weight, None, fused.gate_up_packed).chunk(2, dim=-1)
+        return h + _apply(fused.down_packed or layer.mlp.down_proj, F.silu(gate).mul_(up))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits; in reduced precision the leading candidates are recomputed exactly.
@@ -250,7 +278,7 @@ class TransformerRunner:
         gives greedy decoding fp32-accurate choices for a fraction of a full fp32 lm_head.
         """
         x = _norm(self.final_norm, h)
-        logits = _apply(self.lm_head, x).float()
+        logits = _apply(self.lm_head_packed or self.lm_head, x).float()
         weight = getattr(self.lm_head, "weight", None)
         if self.dtype == torch.float32 or type(self.lm_head) is not torch.nn.Linear:
             return logits
@@ -258,64 +286,84 @@ class TransformerRunner:
         exact = torch.einsum("nh,nkh->nk", x.float(), weight[candidates].float())
         return logits.scatter_(1, candidates, exact)
 
-    # --- decode ---------------------------------------------------------------------------
+    # --- the forward pass -------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        b = len(token_ids)
-        dev = self.device
-        ids = torch.tensor(token_ids, device=dev)
-        pos = torch.tensor(positions, device=dev)
-        rows = torch.arange(b, device=dev)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        length = self.cache.len_cap
-        visible = torch.arange(length, device=dev).unsqueeze(0) <= pos.unsqueeze(1)
-        mask = torch.zeros(b, 1, length, device=dev, dtype=torch.float32)
-        mask.masked_fill_(~visible.unsqueeze(1), float("-inf"))
-        mask = mask.repeat_interleave(self.num_kv_heads, dim=0)  # [b*kv, 1, L]
-        h = self.embed(ids)
-        for i in range(len(self.layers)):
-            q, k, v = self._qkv(i, h, cos, sin)
-            keys, values = self.cache.keys[i], self.cache.values[i]
-            keys[rows, :, pos] = k
-            values[rows, :, pos] = v
-            kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
-            vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
-            qb = q.reshape(b * self.num_kv_heads, self.group, self.head_dim)
-            scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(mask)
-            probs = torch.softmax(scores, dim=-1).to(self.dtype)
-            out = torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
-            h = self._finish_layer(i, h, out)
-        return self._logits(h)
+        return self.decode_and_prefill(token_ids, positions, [])
 
-    # --- prefill --------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
-        dev = self.device
+        return self.decode_and_prefill([], [], chunks)
+
+    @torch.inference_mode()
+    def decode_and_prefill(self, token_ids: list[int], positions: list[int],
+                           chunks: list[PrefillChunk]) -> torch.Tensor:
+        """A step's decode rows ``0 .. B-1`` and prefill chunks in one pass: every matmul
+        reads the weights once for all of their tokens (a mixed step used to run two
+        passes). Logits: the decode rows', then the chunks' as ``prefill`` gives them.
+        Per-row results are bitwise those of the separate passes (matmuls do not depend on
+        the row count from ``_MIN_ROWS`` up; attention stays per decode batch and chunk)."""
+        dev, b = self.device, len(token_ids)
         flat = [t for c in chunks for t in c.token_ids]
-        positions = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
-        pos = torch.tensor(positions, device=dev)
+        prompt_pos = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
+        pos = torch.tensor(positions + prompt_pos, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        decode_mask = self._decode_mask(pos[:b])
         masks = [self._chunk_mask(c) for c in chunks]
-        h = self.embed(torch.tensor(flat, device=dev))
+        h = self.embed(torch.tensor(token_ids + flat, device=dev))
         for i in range(len(self.layers)):
             q, k, v = self._qkv(i, h, cos, sin)
-            out = torch.empty(len(flat), self.num_heads * self.head_dim, device=dev,
-                              dtype=self.dtype)
-            offset = 0
-            for chunk, mask in zip(chunks, masks, strict=True):
-                end = offset + len(chunk.token_ids)
-                out[offset:end] = self._chunk_attention(
-                    i, chunk, mask, q[offset:end], k[offset:end], v[offset:end])
-                offset = end
+            if not chunks:
+                out = self._decode_attention(i, q, k, v, pos, decode_mask)
+            else:
+                out = torch.empty(b + len(flat), self.num_heads * self.head_dim, device=dev,
+                                  dtype=self.dtype)
+                if b:
+                    out[:b] = self._decode_attention(i, q[:b], k[:b], v[:b], pos[:b],
+                                                     decode_mask)
+                offset = b
+                for chunk, mask in zip(chunks, masks, strict=True):
+                    end = offset + len(chunk.token_ids)
+                    out[offset:end] = self._chunk_attention(
+                        i, chunk, mask, q[offset:end], k[offset:end], v[offset:end])
+                    offset = end
             h = self._finish_layer(i, h, out)
-        ends, offset = [], 0
+        ends, offset = list(range(b)), b
         for chunk in chunks:
             offset += len(chunk.token_ids)
             if chunk.wants_logits:
                 ends.extend(range(offset - chunk.num_logits, offset))
         if not ends:
             return torch.empty(0, self.vocab_size, device=dev)
+        if len(ends) == h.shape[0]:
+            return self._logits(h)
         return self._logits(h[torch.tensor(ends, device=dev)])
+
+    def _decode_mask(self, pos: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``[B * kv_heads, 1, len_cap]``: row ``r`` sees keys ``<= pos[r]``."""
+        b, length = pos.shape[0], self.cache.len_cap
+        visible = torch.arange(length, device=self.device).unsqueeze(0) <= pos.unsqueeze(1)
+        mask = torch.zeros(b, 1, length, device=self.device, dtype=torch.float32)
+        mask.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+        return mask.repeat_interleave(self.num_kv_heads, dim=0)
+
+    def _decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                          ) -> torch.Tensor:
+        """One new token per row ``0 .. B-1``: write its key and value, attend over the row's
+        whole buffer (masked past its position); grouped-query attention as two batched
+        matmuls per KV head on the contiguous cache."""
+        b, length = q.shape[0], self.cache.len_cap
+        rows = torch.arange(b, device=self.device)
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[rows, :, pos] = k
+        values[rows, :, pos] = v
+        kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
+        vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
+        qb = q.reshape(b * self.num_kv_heads, self.group, self.head_dim)
+        scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(mask)
+        probs = torch.softmax(scores, dim=-1).to(self.dtype)
+        return torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
 
     def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor:
         """Additive mask ``[n, start + n]``: query ``start + j`` sees keys ``<= start + j``."""

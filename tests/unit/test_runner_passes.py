@@ -1,0 +1,57 @@
+"""A mixed step's one forward pass (decode rows + prefill chunks) gives bitwise the logits,
+and leaves bitwise the cache, of a decode pass followed by a prefill pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.unit.tiny_model import tiny_llama
+from worker.engine.model_runner import PrefillChunk, TransformerRunner
+
+RUNNING = [[5, 9, 11, 3, 40, 41], [7, 8], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
+JOINING = [[12, 13, 14, 15, 16], [30, 31, 32, 33, 34, 35, 36, 37]]
+
+
+def _start(runner: TransformerRunner) -> list[int]:
+    """Prefill RUNNING into rows 0..2 and give JOINING rows 3..4; returns the next tokens."""
+    for i in range(len(RUNNING) + len(JOINING)):
+        runner.cache.allocate(f"s{i}")
+    runner.cache.ensure_capacity(5, 48)
+    logits = runner.prefill([PrefillChunk(i, 0, p, True) for i, p in enumerate(RUNNING)])
+    for i, p in enumerate(RUNNING):
+        runner.cache.advance(f"s{i}", len(p))
+    return logits.argmax(-1).tolist()
+
+
+def _joining_chunks() -> list[PrefillChunk]:
+    # the second prompt arrives cut in two: a chunk that wants no logits, then the rest
+    return [PrefillChunk(3, 0, JOINING[0], True), PrefillChunk(4, 0, JOINING[1][:5], False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_equals_decode_then_prefill(dtype: torch.dtype) -> None:
+    model = tiny_llama(dtype)
+    runs = []
+    for fused in (False, True):
+        runner = TransformerRunner(model)
+        tokens = _start(runner)
+        positions = [len(p) for p in RUNNING]
+        if fused:
+            logits = runner.decode_and_prefill(tokens, positions, _joining_chunks())
+        else:
+            logits = torch.cat(
+                [runner.decode(tokens, positions), runner.prefill(_joining_chunks())]
+            )
+        assert logits.shape[0] == len(RUNNING) + 1
+        for i in range(3):
+            runner.cache.advance(f"s{i}", 1)
+        runner.cache.advance("s3", len(JOINING[0]))
+        runner.cache.advance("s4", 5)
+        # the next step decodes all five rows: equal only if the cache was written equally
+        tokens = [*logits.argmax(-1).tolist()[:4], JOINING[1][5]]
+        following = runner.decode(tokens, [*[len(p) + 1 for p in RUNNING], len(JOINING[0]), 5])
+        runs.append((logits, following))
+    (a, a_next), (b, b_next) = runs
+    assert torch.equal(a, b)
+    assert torch.equal(a_next, b_next)

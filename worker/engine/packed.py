@@ -1,0 +1,86 @@
+"""Linear weights pre-packed in oneDNN's blocked layout (bf16 on CPU).
+
+``F.linear`` on a bf16 CPU tensor already runs a oneDNN matmul, but it reorders the plain
+``[out, in]`` weight into oneDNN's blocked layout on every call. Packing once at load
+(``torch.ops.mkldnn._reorder_linear_weight``, what inductor's freezing pass does) and
+calling ``torch.ops.mkldnn._linear_pointwise`` skips that: measured on SmolLM2's shapes on
+an AVX512-BF16 EPYC (docs/design/engine.md, "Where a decode step's time goes").
+
+A weight is packed only where the packed matmul gives bitwise the results ``F.linear``
+gives (checked on a probe at load, at a few row counts), so greedy tokens do not change.
+fp32 is never packed: there ``F.linear`` runs MKL, whose results the packed oneDNN kernel
+does not reproduce. The plain weight stays where it was (the model's own modules, a tied
+embedding); the packed copy costs as much memory again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_PROBE_ROWS = (1, 4, 7, 64)
+_BATCH_HINT = 64  # the row count oneDNN picks its blocking for (results do not depend on it)
+
+
+class PackedLinear:
+    """``F.linear(x, weight, bias)`` with the weight packed once; ``x`` is ``[n, in]``."""
+
+    __slots__ = ("bias", "out_features", "packed")
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_features: int,
+    ) -> None:
+        self.packed = packed
+        self.bias = bias
+        self.out_features = out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def pack_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> PackedLinear | None:
+    """The packed form of ``weight`` (``[out, in]``), or None where packing is unavailable or
+    would change a result (then the caller keeps ``F.linear``)."""
+    if not can_pack(weight) or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    try:
+        with torch.inference_mode():
+            linear = PackedLinear(
+                torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT), bias, weight.shape[0]
+            )
+            if _agrees(linear, weight, bias):
+                return linear
+    except (RuntimeError, NotImplementedError) as exc:
+        log.info("oneDNN weight packing unavailable: %r", exc)
+        return None
+    log.warning("packed oneDNN matmul differs from F.linear here; weights left unpacked")
+    return None
+
+
+def _agrees(linear: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(max(_PROBE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
+    return all(
+        torch.equal(linear(probe[:rows]), F.linear(probe[:rows], weight, bias))
+        for rows in _PROBE_ROWS
+    )
