@@ -301,8 +301,13 @@ class TransformerRunner:
         """A step's decode rows ``0 .. B-1`` and prefill chunks in one pass: every matmul
         reads the weights once for all of their tokens (a mixed step used to run two
         passes). Logits: the decode rows', then the chunks' as ``prefill`` gives them.
-        Per-row results are bitwise those of the separate passes (matmuls do not depend on
-        the row count from ``_MIN_ROWS`` up; attention stays per decode batch and chunk)."""
+        Per-row results are bitwise those of the separate passes: bf16 matmuls do not depend
+        on the row count or a row's place among them, and attention stays per decode batch
+        and per chunk. fp32 (MKL) ones do: rows in a trailing partial block of 4 round
+        differently (~5e-6), so in fp32 the two passes stay separate and tokens unchanged."""
+        if self.dtype == torch.float32 and token_ids and chunks:
+            return torch.cat([self.decode_and_prefill(token_ids, positions, []),
+                              self.decode_and_prefill([], [], chunks)])
         dev, b = self.device, len(token_ids)
         flat = [t for c in chunks for t in c.token_ids]
         prompt_pos = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
