@@ -48,10 +48,10 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step (chunked prefill)
     max_waiting: int = 16  # requests a worker holds locally beyond the running batch
     interactive_reserve: int = 4  # batch rows and read slots kept for the interactive lane
-    # phase: prefill-only or decode-only steps; mixed: prompt chunks beside every step's
-    # decodes. phase is the default: measured faster to first token and as fast or faster in
-    # tok/s on CPU (docs/design/engine.md, "Scheduling policy")
-    scheduling: Literal["mixed", "phase"] = "phase"
+    # mixed: prompt chunks beside every step's decodes, in one forward pass (bf16); phase:
+    # prefill-only or decode-only steps. mixed is the default: measured as fast or faster in
+    # tok/s with a far lower inter-token tail (docs/design/engine.md, "Scheduling policy")
+    scheduling: Literal["mixed", "phase"] = "mixed"
     # phase: at most this many prefill-only steps in a row while streams wait (0: no bound)
     phase_max_prefill_steps: int = Field(default=4, ge=0)
     prefix_cache_tokens: int = 8192  # prompt KV kept for reuse (automatic prefix caching)
