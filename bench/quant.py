@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench.machine import cpu_model
+
 if TYPE_CHECKING:
     from bench.cli import Bench
 
@@ -257,22 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def report(settings: Any, results: list[ModeResult], args: argparse.Namespace) -> dict[str, Any]:
     """What ``--out`` writes: the results with the model, machine and command they came
     from (``bench/data/quant_quality.json`` is one; ``worker.engine.quant_choice`` reads the
     quality columns of it)."""
     import os
-    import platform
 
     import torch
 
@@ -283,7 +274,7 @@ def report(settings: Any, results: list[ModeResult], args: argparse.Namespace) -
         "model": resolve_model_path(settings).name,
         "command": (f"python -m bench.quant --modes {args.modes} --batches {args.batches} "
                     f"--max-tokens {args.max_tokens}"),
-        "machine": {"cpu": _cpu_name() or platform.machine(),
+        "machine": {"cpu": cpu_model(),
                     "cpu_capability": torch_cpu_capability(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "load_average": list(os.getloadavg())},
         "text": str(TEXT.relative_to(TEXT.parents[2])),
