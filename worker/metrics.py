@@ -111,7 +111,6 @@ class WorkerMetrics:
         self.spec_accepted = Counter(f"{PREFIX}spec_decode_num_accepted_tokens",
                                      "Speculative decoding: proposed tokens accepted", m,
                                      registry=r)
-        self._spec_seen = (0, 0)  # the engine's cumulative counts already added
         self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds",
                               "From acceptance at the gateway to the first token", m,
                               buckets=TTFT_BUCKETS_S, registry=r)
@@ -144,7 +143,7 @@ class WorkerMetrics:
             counter.labels(self.model)
         for outcome in ("hit", "miss"):
             self.prefix_requests.labels(self.model, outcome)
-        self._prefix_seen = EngineStats()  # the engine's cumulative counts at the last step
+        self._seen = EngineStats()  # the engine's cumulative counts at the last step
 
     # --- what the queue loop reports ----------------------------------------------------
 
@@ -231,11 +230,11 @@ class WorkerMetrics:
         self.kv_used.labels(self.model).set(stats.kv_tokens_used)
         usage = stats.kv_tokens_used / stats.kv_tokens_budget if stats.kv_tokens_budget else 0.0
         self.kv_usage.labels(self.model).set(usage)
-        self._on_prefix_stats(stats)
+        self._on_cumulative_stats(stats)
 
-    def _on_prefix_stats(self, stats: EngineStats) -> None:
+    def _on_cumulative_stats(self, stats: EngineStats) -> None:
         """The engine counts since it started; the counters take the increase."""
-        seen = self._prefix_seen
+        seen = self._seen
         for counter, now, before in (
                 (self.prefix_queries.labels(self.model), stats.prefix_cache_query_tokens,
                  seen.prefix_cache_query_tokens),
@@ -244,16 +243,13 @@ class WorkerMetrics:
                 (self.prefix_requests.labels(self.model, "hit"), stats.prefix_cache_hits,
                  seen.prefix_cache_hits),
                 (self.prefix_requests.labels(self.model, "miss"), stats.prefix_cache_misses,
-                 seen.prefix_cache_misses)):
+                 seen.prefix_cache_misses),
+                (self.spec_proposed.labels(self.model), stats.spec_proposed, seen.spec_proposed),
+                (self.spec_accepted.labels(self.model), stats.spec_accepted, seen.spec_accepted)):
             if now > before:
                 counter.inc(now - before)
         self.prefix_cached.labels(self.model).set(stats.prefix_cache_tokens)
-        self._prefix_seen = stats
-        proposed, accepted = self._spec_seen
-        if stats.spec_proposed > proposed:
-            self.spec_proposed.labels(self.model).inc(stats.spec_proposed - proposed)
-            self.spec_accepted.labels(self.model).inc(max(0, stats.spec_accepted - accepted))
-            self._spec_seen = (stats.spec_proposed, stats.spec_accepted)
+        self._seen = stats
 
     def on_finished(self, request_id: str, finish_reason: str, *, num_output_tokens: int,
                     num_prompt_tokens: int, lane: str = "") -> None:
