@@ -16,7 +16,8 @@ from worker.engine.speculative import (
     accepted_run,
     propose_ngram,
 )
-from worker.engine.types import EngineRequest, RequestOutput
+from worker.engine.types import EngineRequest, EngineStats, RequestOutput
+from worker.metrics import WorkerMetrics
 
 NGRAM = SpeculativeConfig("ngram", num_tokens=4, ngram_max=3, ngram_min=1, max_rows=64)
 
@@ -72,11 +73,11 @@ def test_greedy_tokens_are_identical_and_proposals_get_accepted(model32: torch.n
     assert 0 < accepted < proposed
 
 
-def test_greedy_in_a_busy_batch_matches_plain_decoding_alone(model32: torch.nn.Module) -> None:
-    ids = prompt(30, 1)
-    alone, _ = _run(model32, ids, greedy(40))
-    engine = tiny_engine(model32, speculative=NGRAM)  # type: ignore[arg-type]
-    for i in range(12):
+def run_beside_a_busy_batch(engine: LLMEngine, ids: list[int], background: int,
+                            ) -> dict[str, list[RequestOutput]]:
+    """``background`` requests (``bg0``...) decode for 4 steps, then ``a`` (``ids``, 40
+    greedy tokens) joins them; every request's outputs, run to the end."""
+    for i in range(background):
         engine.add_request(EngineRequest(f"bg{i}", prompt(5 + 4 * i, i), greedy(10 + 4 * i)))
     early: dict[str, list[RequestOutput]] = {}
     for _ in range(4):
@@ -86,11 +87,25 @@ def test_greedy_in_a_busy_batch_matches_plain_decoding_alone(model32: torch.nn.M
     outs = run_all(engine)
     for rid, got in early.items():
         outs[rid] = got + outs.get(rid, [])
+    return outs
+
+
+def assert_background_unchanged(model: torch.nn.Module, outs: dict[str, list[RequestOutput]],
+                                background: int) -> None:
+    """The rows of ``run_beside_a_busy_batch`` give the tokens they give decoded alone."""
+    for i in range(background):
+        plain, _ = _run(model, prompt(5 + 4 * i, i), greedy(10 + 4 * i))
+        assert tokens(outs[f"bg{i}"]) == tokens(plain)
+
+
+def test_greedy_in_a_busy_batch_matches_plain_decoding_alone(model32: torch.nn.Module) -> None:
+    ids = prompt(30, 1)
+    alone, _ = _run(model32, ids, greedy(40))
+    engine = tiny_engine(model32, speculative=NGRAM)  # type: ignore[arg-type]
+    outs = run_beside_a_busy_batch(engine, ids, 12)
     assert tokens(outs["a"]) == tokens(alone)
     assert engine.stats().spec_accepted > 0
-    for i in range(12):  # the background rows are unchanged too
-        plain, _ = _run(model32, prompt(5 + 4 * i, i), greedy(10 + 4 * i))
-        assert tokens(outs[f"bg{i}"]) == tokens(plain)
+    assert_background_unchanged(model32, outs, 12)
 
 
 def _inside_a_run(outs: list[RequestOutput]) -> int:
@@ -206,3 +221,14 @@ def test_rows_step_aside_by_their_acceptance_as_the_batch_fills() -> None:
     assert min_acceptance("ngram", largest + 1) is None
     spec.forget("0")
     assert spec.acceptance("0") == 1.0
+
+
+def test_metrics_count_the_increase_of_the_engines_cumulative_speculation_counts() -> None:
+    metrics = WorkerMetrics("m", "w")
+    value = metrics.registry.get_sample_value
+    labels = {"model_name": "m"}
+    assert value("tokenfleet:spec_decode_num_draft_tokens_total", labels) == 0
+    for proposed, accepted in ((8, 5), (8, 5), (20, 9)):  # a step without speculation
+        metrics.on_engine_stats(EngineStats(spec_proposed=proposed, spec_accepted=accepted))
+    assert value("tokenfleet:spec_decode_num_draft_tokens_total", labels) == 20
+    assert value("tokenfleet:spec_decode_num_accepted_tokens_total", labels) == 9
