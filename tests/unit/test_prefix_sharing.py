@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from shared.protocol import SamplingParams
+from tests.unit.test_prefix_cache import greedy, ids, tail
 from tests.unit.tiny_model import tiny_engine, tiny_llama
 from worker.engine.engine import LLMEngine
 from worker.engine.kv_cache import RowKVCache
@@ -16,20 +17,6 @@ from worker.engine.prefix_inflight import InflightBlocks, block_keys
 from worker.engine.scheduler import Scheduler, SchedulerConfig
 from worker.engine.sequence import Sequence
 from worker.engine.types import EngineRequest
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
-def ids(n: int, seed: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed)
-    return [1, *torch.randint(3, 96, (n - 1,), generator=gen).tolist()]
-
-
-def tail(n: int, seed: int) -> list[int]:
-    return ids(n + 1, seed)[1:]
-
 
 SHARED = ids(64, 3)  # 4 full blocks of 16
 

@@ -12,6 +12,7 @@ import torch
 
 from shared.protocol import SamplingParams
 from tests.unit.test_engine import greedy, prompt, run_all, text, tokens
+from tests.unit.test_speculative import assert_background_unchanged, run_beside_a_busy_batch
 from tests.unit.tiny_model import CharDecoder, tiny_llama
 from worker.engine.draft import DraftProposer, early_exit_runner
 from worker.engine.engine import EngineConfig, LLMEngine
@@ -114,21 +115,10 @@ def test_draft_in_a_busy_batch_matches_plain_decoding_alone(
     ids = prompt(30, 1)
     alone, _ = _run(model32, ids, greedy(40))
     engine = _engine(model32, DRAFT, near_copy)
-    for i in range(10):
-        engine.add_request(EngineRequest(f"bg{i}", prompt(5 + 4 * i, i), greedy(10 + 4 * i)))
-    early: dict[str, list[RequestOutput]] = {}
-    for _ in range(4):
-        for out in engine.step():
-            early.setdefault(out.id, []).append(out)
-    engine.add_request(EngineRequest("a", ids, greedy(40)))
-    outs = run_all(engine)
-    for rid, got in early.items():
-        outs[rid] = got + outs.get(rid, [])
+    outs = run_beside_a_busy_batch(engine, ids, 10)
     assert tokens(outs["a"]) == tokens(alone)
     assert engine.stats().spec_accepted > 0
-    for i in range(10):
-        plain, _ = _run(model32, prompt(5 + 4 * i, i), greedy(10 + 4 * i))
-        assert tokens(outs[f"bg{i}"]) == tokens(plain)
+    assert_background_unchanged(model32, outs, 10)
     assert _proposer(engine).cache.num_rows == 0
 
 
