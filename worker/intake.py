@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
 import redis
@@ -94,7 +93,6 @@ class Intake:
         self.publisher = publisher
         self.jobs = jobs  # shared with the loop: the requests in the engine
         self.policy = policy
-        self._begin_script: Any = None  # BEGIN_ATTEMPT_LUA, registered on first use
         self.on_admitted: Callable[[GenerateRequest], None] | None = None  # metrics
 
     def admit(self, entries: list[StreamEntry]) -> int:
@@ -144,15 +142,13 @@ class Intake:
     def _begin(self, decoded: list[Decoded]) -> dict[bytes, Attempt]:
         if not decoded:
             return {}
-        if self._begin_script is None:
-            self._begin_script = self.client.register_script(BEGIN_ATTEMPT_LUA)
+        # EVAL with the source, not a registered script: see Publisher.flush for why
         pipe = self.client.pipeline(transaction=True)
         for item in decoded:
             assert item.request is not None
             job_id = item.request.id
-            self._begin_script(keys=[self.keys.job(job_id), self.keys.job_events(job_id),
-                                     self.keys.cancel(job_id)],
-                               args=[self.policy.job_ttl_s], client=pipe)
+            pipe.eval(BEGIN_ATTEMPT_LUA, 3, self.keys.job(job_id), self.keys.job_events(job_id),
+                      self.keys.cancel(job_id), self.policy.job_ttl_s)
         replies = pipe.execute()
         return {item.entry.entry_id: Attempt(int(number), int(num_events), bool(flag),
                                              bool(finished))

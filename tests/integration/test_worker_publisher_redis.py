@@ -113,3 +113,36 @@ def test_a_finished_job_gets_no_new_attempt(client: redis.Redis) -> None:
     assert begin_raw(client, "done") == (0, 0, 0, 1)  # B: finished, nothing to run
     assert client.hget(KEYS.job("done"), "status") == b"succeeded"
     assert client.hget(KEYS.job("done"), "attempt") == str(attempt).encode()
+
+
+def test_the_step_transaction_is_one_round_trip_and_survives_a_script_flush(
+        client: redis.Redis) -> None:
+    """The scripts go as EVAL inside the MULTI: no SCRIPT EXISTS round trip before it
+    (redis-py's registered scripts ask on every execute), and a Redis that lost its script
+    cache (restart, SCRIPT FLUSH) still runs the whole transaction, never half of it."""
+    client.xgroup_create(STREAM, WORKER_GROUP, id="0", mkstream=True)
+    entry_id = client.xadd(STREAM, {"m": b"x"})
+    client.xreadgroup(WORKER_GROUP, "w1", {STREAM: ">"})
+    publisher = make_publisher()
+    job = InFlight(id="r", stream=STREAM, entry_id=entry_id, reply_channel="ch",
+                   num_prompt_tokens=3, attempt=begin(client, "r")[0])
+    publisher.start(job)
+    publisher.emit(job, RequestOutput(id="r", new_token_ids=[5], text_delta="Hi"))
+    client.script_flush()
+    before = client.info("commandstats")
+    publisher.flush(client, [])
+    after = client.info("commandstats")
+    assert "cmdstat_script|exists" not in after
+    calls = {name: after[name]["calls"] - before.get(name, {}).get("calls", 0)
+             for name in after}
+    assert calls["cmdstat_exec"] == 1
+    assert calls["cmdstat_eval"] == 2  # the job write and the channel's publish
+    assert calls.get("cmdstat_evalsha", 0) == 0
+    assert client.get(KEYS.job_text("r")) == b"Hi"
+    publisher.emit(job, RequestOutput(id="r", new_token_ids=[6], text_delta="!",
+                                      finished=True, finish_reason="stop",
+                                      num_output_tokens=2))
+    client.script_flush()
+    publisher.flush(client, [])
+    assert client.hget(KEYS.job("r"), "status") == b"succeeded"
+    assert client.xpending(STREAM, WORKER_GROUP)["pending"] == 0  # acknowledged with it
