@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-rss-lines", type=int, default=100_000,
                         help="batch-rss: lines of the null-engine batch (default 100000)")
     parser.add_argument("--http-client", choices=("httpx", "raw"), default="httpx",
-                        help="load generator's HTTP client for full (default httpx)")
+                        help="load generator's HTTP client for full and llamacpp (default "
+                        "httpx; raw: a leaner client that takes less CPU from the servers)")
     parser.add_argument("--bus-http-client", choices=("httpx", "raw"), default="raw",
                         help="HTTP client for bus (default raw: a lean asyncio HTTP/1.1 client, "
                         "so the load generator takes less CPU from the gateway it measures)")

@@ -120,13 +120,13 @@ async def run_http(base_url: str, model: str, load: Load, *, redis_url: str | No
     """Streaming chat clients driven by ``load`` (closed or open loop), all on one client
     with a large connection pool: ``httpx.AsyncClient``, or the leaner ``RawClient``. With
     ``redis_url``, the mean running batch is sampled from the workers' heartbeats.
-    ``keepalive=False`` (httpx only) opens a connection per request: for servers that close
+    ``keepalive=False`` opens a connection per request: for servers that close
     a connection after a streamed answer (llama-server), where reusing it would fail."""
     if http_client not in HTTP_CLIENTS:
         raise ValueError(f"unknown HTTP client {http_client!r}")
     async with contextlib.AsyncExitStack() as stack:
         if http_client == "raw":
-            raw = RawClient(base_url)
+            raw = RawClient(base_url, keepalive=keepalive)
             stack.push_async_callback(raw.aclose)
             lines = raw_lines(raw)
         else:

@@ -320,7 +320,8 @@ def run_llamacpp(bench: Bench) -> None:
                         before = process_cpu_seconds(pid)
                         result = run_async(run_http(url, bench.settings.model_name,
                                                     bench.load(*point),
-                                                    http_client="httpx", keepalive=False))
+                                                    http_client=bench.args.http_client,
+                                                    keepalive=False))
                         after = process_cpu_seconds(pid)
                         if before is not None and after is not None and result.wall_s:
                             result.cpu_cores = {"llama-server": round(

@@ -27,12 +27,15 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class RawClient:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, *, keepalive: bool = True) -> None:
+        """``keepalive=False``: a connection per request (servers that close a connection
+        after a streamed answer without saying ``Connection: close``)."""
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"RawClient speaks plain http://host:port only, not {base_url!r}")
         self.host = parts.hostname
         self.port = parts.port or 80
+        self.keepalive = keepalive
         self._idle: list[Connection] = []
 
     async def aclose(self) -> None:
@@ -62,7 +65,7 @@ class RawClient:
                     yield line.rstrip(b"\r").decode()
             if pending:
                 yield pending.decode()
-            reusable = headers.get("connection", "").lower() != "close" and (
+            reusable = self.keepalive and headers.get("connection", "").lower() != "close" and (
                 "content-length" in headers or "chunked" in headers.get("transfer-encoding", ""))
         finally:
             if reusable:

@@ -103,6 +103,17 @@ async def test_run_http_records_first_chunk_gaps_and_usage(http_client: str) -> 
         assert gw.connections == 2  # one kept-alive connection per client
 
 
+@pytest.mark.parametrize("http_client", ["raw", "httpx"])
+async def test_without_keepalive_every_request_opens_its_own_connection(
+        http_client: str) -> None:
+    async with FakeGateway() as gw:
+        reqs = make_requests("mixed", 4, max_tokens_cap=3)
+        result = await run_http(gw.url, "m", ClosedLoop(split_among_clients(reqs, 2)),
+                                http_client=http_client, keepalive=False)
+    assert len(result.records) == 4 and not [r for r in result.records if r.error]
+    assert gw.connections == 4  # llama-server closes after each answer: never reuse
+
+
 async def test_errors_are_counted_not_raised() -> None:
     async with FakeGateway() as gw:
         client = RawClient(gw.url)
