@@ -179,6 +179,33 @@ def fused_variant(b: Batch) -> Variant:
     return run
 
 
+def padded_variant(b: Batch, masks: dict[str, torch.Tensor], rows: int = 4) -> Variant:
+    """The group's queries padded to ``rows`` rows per KV head (a bigger M for the matmul)."""
+    n, kv, cap, dim = b.shape
+    pad = rows - b.group
+
+    def run(b: Batch, i: int) -> torch.Tensor:
+        qb = b.q.reshape(n * kv, b.group, dim)
+        qb = torch.cat([qb, qb[:, :1].expand(n * kv, pad, dim)], dim=1)
+        scores = torch.bmm(qb, b.keys[i].view(n * kv, cap, dim).transpose(1, 2)).float()
+        probs = torch.softmax(scores.mul_(dim**-0.5).add_(masks["buffer"]), dim=-1)
+        out = torch.bmm(probs.to(b.q.dtype), b.values[i].view(n * kv, cap, dim))
+        return out[:, :b.group].reshape(n, -1)
+    return run
+
+
+def keys_first_variant(b: Batch, masks: dict[str, torch.Tensor]) -> Variant:
+    """Scores as ``K @ q^T`` (``[cap, group]`` per KV head: the keys are the matmul's M)."""
+    n, kv, cap, dim = b.shape
+
+    def run(b: Batch, i: int) -> torch.Tensor:
+        qt = b.q.reshape(n * kv, b.group, dim).transpose(1, 2)
+        scores = torch.bmm(b.keys[i].view(n * kv, cap, dim), qt).transpose(1, 2).float()
+        probs = torch.softmax(scores.mul_(dim**-0.5).add_(masks["buffer"]), dim=-1)
+        return torch.bmm(probs.to(b.q.dtype), b.values[i].view(n * kv, cap, dim)).view(n, -1)
+    return run
+
+
 def variants(b: Batch) -> dict[str, Variant]:
     _, kv, cap, _ = b.shape
     longest = int(b.lengths.max())
@@ -192,6 +219,8 @@ def variants(b: Batch) -> dict[str, Variant]:
         "4 length groups": groups_variant(b, 4),
         "sdpa": sdpa_variant(b),
         "keys stored transposed": keys_t_variant(b, masks),
+        "scores as K @ q^T": keys_first_variant(b, masks),
+        "queries padded to 4 rows": padded_variant(b, masks),
         "fused score passes": fused_variant(b),
     }
 
