@@ -26,10 +26,15 @@ from worker.engine.model_runner import TransformerRunner
 
 
 def build_runner(settings: Settings) -> TransformerRunner:
+    from worker.engine.compiled_step import maybe_compile
     from worker.model_store import resolve_model_path
 
     loaded = load_model(settings, Path(resolve_model_path(settings)))
-    return TransformerRunner(loaded.model)
+    runner = TransformerRunner(loaded.model)
+    runner.compiled = maybe_compile(runner, settings.compile)
+    if runner.compiled is not None:
+        print(f"compiled decode warm-up {runner.compiled.warm_up():.1f} s")
+    return runner
 
 
 def fill_rows(runner: TransformerRunner, batch: int, context: int, steps: int) -> None:
@@ -111,6 +116,29 @@ def compare_packing(runner: TransformerRunner, args: argparse.Namespace) -> None
         )
 
 
+def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> None:
+    """Eager and compiled decode, interleaved in one process (controls for the machine)."""
+    compiled = runner.compiled
+    if compiled is None:
+        raise SystemExit("--ab-compile needs TOKENFLEET_COMPILE=decode")
+    for batch in (int(b) for b in args.batch.split(",")):
+        best: dict[str, list[float]] = {"eager": [], "compiled": []}
+        for _ in range(3):
+            for name in best:
+                runner.compiled = compiled if name == "compiled" else None
+                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup)
+                best[name].append(min(walls))
+        runner.compiled = compiled
+        print(
+            f"batch {batch:3d}: "
+            + " | ".join(
+                f"{k} best {min(v):7.2f} ms (rounds {', '.join(f'{x:.1f}' for x in v)})"
+                for k, v in best.items()
+            )
+            + f" | load {os.getloadavg()[0]:.2f}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,32,64")
@@ -122,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         "--ab",
         action="store_true",
         help="alternate packed and plain weights (same process, interleaved)",
+    )
+    parser.add_argument(
+        "--ab-compile",
+        action="store_true",
+        help="alternate eager and compiled decode (TOKENFLEET_COMPILE=decode; interleaved)",
     )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -135,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.ab:
         return compare_packing(runner, args)
+    if args.ab_compile:
+        return compare_compiled(runner, args)
     for batch in (int(b) for b in args.batch.split(",")):
         t0 = time.perf_counter()
         walls, cpus = time_steps(runner, batch, args.context, args.steps, args.warmup)

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     null_engine_tokens: int = 16
     null_engine_step_ms: float = 0.0  # simulated compute per null-engine step (soak tests)
 
+    # decode: pure decode steps run through one torch.compile-d layer graph (inductor,
+    # artifacts cached under ~/.cache/tokenfleet/inductor); off: eager. See
+    # docs/design/engine.md, "Compiled decode step (issue 15)"
+    compile: Literal["off", "decode"] = "off"
+
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch
     max_batch_size: int = 64  # most sequences decoding at once

@@ -167,10 +167,13 @@ class RowKVCache:
         old one is dropped, so a failure leaves the cache exactly as it was."""
         s = self.shape
         size = (rows_cap, s.num_kv_heads, len_cap, s.head_dim)
-        new_keys = [torch.zeros(size, dtype=s.dtype, device=s.device)
-                    for _ in range(s.num_layers)]
-        new_values = [torch.zeros(size, dtype=s.dtype, device=s.device)
-                      for _ in range(s.num_layers)]
+        # never inference tensors (the step may be inside inference_mode): a compiled step's
+        # guards see one kind of tensor whoever grows the cache (compiled_step.py)
+        with torch.inference_mode(False):
+            new_keys = [torch.zeros(size, dtype=s.dtype, device=s.device)
+                        for _ in range(s.num_layers)]
+            new_values = [torch.zeros(size, dtype=s.dtype, device=s.device)
+                          for _ in range(s.num_layers)]
         keep_rows = min(self.num_rows, self.rows_cap, rows_cap)
         keep_len = min(max(self._lengths, default=0), len_cap, self.len_cap)
         if self.keys and keep_rows and keep_len:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from worker.engine.kv_cache import CacheShape, RowKVCache
 from worker.engine.packed import PackedLinear, pack_linear
+
+if TYPE_CHECKING:
+    from worker.engine.compiled_step import CompiledDecode
 
 
 @dataclass(slots=True)
@@ -224,6 +227,8 @@ class TransformerRunner:
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
+        # pure decode steps through compiled layers (TOKENFLEET_COMPILE=decode, compiled_step.py)
+        self.compiled: CompiledDecode | None = None
 
     @staticmethod
     def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -316,6 +321,8 @@ class TransformerRunner:
         decode_mask = self._decode_mask(pos[:b])
         masks = [self._chunk_mask(c) for c in chunks]
         h = self.embed(torch.tensor(token_ids + flat, device=dev))
+        if self.compiled is not None and not chunks:
+            return self._logits(self.compiled.layers(h, cos, sin, decode_mask, pos))
         for i in range(len(self.layers)):
             q, k, v = self._qkv(i, h, cos, sin)
             if not chunks:
