@@ -2,8 +2,9 @@
 
 The weights and modules (embeddings, projections, norms, MLP, lm_head) are the model's own,
 so bitsandbytes int8/nf4 layers work unchanged; only attention and the cache are ours:
-- prefill: the chunks of a step are packed into one ``[N, hidden]`` batch for every matmul,
-  and attention runs per chunk (causal inside the chunk, over the row's cached prefix);
+- prefill: the chunks of a step are packed into one ``[N, hidden]`` batch for every matmul;
+  attention (causal inside a chunk, over the row's cached prefix) runs for short chunks as
+  padded batches, bitwise what it gives chunk by chunk, and for a long chunk by itself;
 - decode: one token per row for rows ``0 .. B-1``; grouped-query attention is two batched
   matmuls on the contiguous cache (queries reshaped per KV head, no K/V repetition).
 Supported: Llama-shaped models (Llama, SmolLM, Mistral without sliding window, Qwen2/3).
@@ -319,13 +320,13 @@ class TransformerRunner:
         pos = torch.tensor(positions + prompt_pos, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         decode_mask = self._decode_mask(pos[:b])
-        masks = [self._chunk_mask(c) for c in chunks]
+        plan = self._chunk_plan(chunks, b, pos[b:]) if chunks else None
         h = self.embed(torch.tensor(token_ids + flat, device=dev))
         if self.compiled is not None and not chunks:
             return self._logits(self.compiled.layers(h, cos, sin, decode_mask, pos))
         for i in range(len(self.layers)):
             q, k, v = self._qkv(i, h, cos, sin)
-            if not chunks:
+            if plan is None:
                 out = self._decode_attention(i, q, k, v, pos, decode_mask)
             else:
                 out = torch.empty(b + len(flat), self.num_heads * self.head_dim, device=dev,
@@ -333,12 +334,7 @@ class TransformerRunner:
                 if b:
                     out[:b] = self._decode_attention(i, q[:b], k[:b], v[:b], pos[:b],
                                                      decode_mask)
-                offset = b
-                for chunk, mask in zip(chunks, masks, strict=True):
-                    end = offset + len(chunk.token_ids)
-                    out[offset:end] = self._chunk_attention(
-                        i, chunk, mask, q[offset:end], k[offset:end], v[offset:end])
-                    offset = end
+                self._chunks_attention(i, plan, q, k, v, out)
             h = self._finish_layer(i, h, out)
         ends, offset = list(range(b)), b
         for chunk in chunks:
@@ -377,6 +373,31 @@ class TransformerRunner:
         probs = torch.softmax(scores, dim=-1).to(self.dtype)
         return torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
 
+    def _chunk_plan(self, chunks: list[PrefillChunk], offset: int,
+                    positions: torch.Tensor) -> _ChunkPlan:
+        """How a step's chunks attend: short ones together as padded batches, a chunk that
+        would mostly add padding alone (see ``_group_chunks``). ``offset``: the step index of
+        the first chunk token (after the decode rows); ``positions``: the chunk tokens'."""
+        dev = self.device
+        rows = torch.tensor([c.row for c in chunks for _ in c.token_ids], device=dev,
+                            dtype=torch.long)
+        offsets = []
+        for c in chunks:
+            offsets.append(offset)
+            offset += len(c.token_ids)
+        alone: list[_OneChunk] = []
+        batches: list[_ChunkBatch] = []
+        for members in _group_chunks(chunks, self.num_heads, self.group):
+            if len(members) == 1:
+                j = members[0]
+                c = chunks[j]
+                alone.append(_OneChunk(c, self._chunk_mask(c), offsets[j],
+                                       offsets[j] + len(c.token_ids)))
+            else:
+                batches.append(self._chunk_batch([chunks[j] for j in members],
+                                                 [offsets[j] for j in members]))
+        return _ChunkPlan(rows, positions, alone, batches)
+
     def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor:
         """Additive mask ``[n, start + n]``: query ``start + j`` sees keys ``<= start + j``."""
         n = len(chunk.token_ids)
@@ -386,9 +407,69 @@ class TransformerRunner:
         mask = torch.zeros(n, total, device=self.device, dtype=torch.float32)
         return mask.masked_fill_(key_pos > query_pos, float("-inf"))
 
+    def _chunk_batch(self, chunks: list[PrefillChunk], offsets: list[int]) -> _ChunkBatch:
+        """Index tensors and the mask of chunks attending as one batch padded to ``width``
+        queries and ``span`` keys. A padding query repeats its chunk's first token and sees
+        key 0 only (its result is dropped); a real query sees keys ``<= its position``."""
+        dev = self.device
+        width = max(max(len(c.token_ids) for c in chunks), -(-_MIN_ROWS // self.group))
+        span = max(c.start + len(c.token_ids) for c in chunks)
+        gather, keep, dest, query_pos = [], [], [], []
+        for slot, (c, offset) in enumerate(zip(chunks, offsets, strict=True)):
+            n = len(c.token_ids)
+            gather += [offset + j for j in range(n)] + [offset] * (width - n)
+            keep += range(slot * width, slot * width + n)
+            dest += range(offset, offset + n)
+            query_pos += [c.start + j for j in range(n)] + [0] * (width - n)
+        query = torch.tensor(query_pos, device=dev).view(len(chunks), 1, 1, width, 1)
+        keys = torch.arange(span, device=dev)
+        mask = torch.zeros(len(chunks), 1, 1, width, span, device=dev, dtype=torch.float32)
+        mask.masked_fill_(keys > query, float("-inf"))
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=dev, dtype=torch.long)
+
+        return _ChunkBatch(longs([c.row for c in chunks]), width, span, longs(gather),
+                           longs(keep), longs(dest), mask)
+
+    def _chunks_attention(self, layer_idx: int, plan: _ChunkPlan, q: torch.Tensor,
+                          k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Write every chunk token's key and value into its row, then attend: each padded
+        batch in one pass, each lone chunk by itself; results go to ``out`` (step index)."""
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        first = out.shape[0] - plan.rows.shape[0]
+        keys[plan.rows, :, plan.positions] = k[first:]
+        values[plan.rows, :, plan.positions] = v[first:]
+        for one in plan.alone:
+            start, end = one.offset, one.end
+            out[start:end] = self._chunk_attention(layer_idx, one.chunk, one.mask, q[start:end])
+        for batch in plan.batches:
+            out.index_copy_(0, batch.dest, self._batch_attention(layer_idx, batch, q))
+
+    def _batch_attention(self, layer_idx: int, batch: _ChunkBatch,
+                         q: torch.Tensor) -> torch.Tensor:
+        """``_chunk_attention`` of ``C`` chunks as one padded pass: queries ``[C x kv,
+        group x width, dim]`` against each row's keys ``[0, span)``; bitwise the per-chunk
+        results (tested): a query's scores are dot products over ``dim`` whatever the batch,
+        masked keys (past the query, or past the chunk) add exact zeros, and the values are
+        summed as ``_weighted_values`` sums them (fixed blocks in fp32). Returns ``[tokens,
+        heads x dim]`` in the order of the batch's chunks."""
+        c, width, span = batch.rows.shape[0], batch.width, batch.span
+        kv, group, dim = self.num_kv_heads, self.group, self.head_dim
+        kk = self.cache.keys[layer_idx][:, :, :span].index_select(0, batch.rows)
+        vv = self.cache.values[layer_idx][:, :, :span].index_select(0, batch.rows)
+        qq = q.index_select(0, batch.gather).view(c, width, kv, group, dim)
+        qq = qq.permute(0, 2, 3, 1, 4).reshape(c * kv, group * width, dim)
+        scores = torch.bmm(qq, kk.view(c * kv, span, dim).transpose(1, 2)).float()
+        scores = scores.mul_(self.scale).view(c, kv, group, width, span).add_(batch.mask)
+        probs = torch.softmax(scores.view(c * kv, group * width, span), dim=-1).to(self.dtype)
+        res = _weighted_values(probs, vv.view(c * kv, span, dim))
+        res = res.view(c, kv, group, width, dim).permute(0, 3, 1, 2, 4)
+        return res.reshape(c * width, kv * group * dim).index_select(0, batch.keep)
+
     def _chunk_attention(self, layer_idx: int, chunk: PrefillChunk, mask: torch.Tensor,
-                         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of a chunk's queries over the row's keys ``[0, start + n)``.
+                         q: torch.Tensor) -> torch.Tensor:
+        """Attention of a chunk's queries over the row's keys ``[0, start + n)`` (written).
 
         The same math as decode (two batched matmuls per KV head, fp32 softmax with an
         additive mask), not ``scaled_dot_product_attention``: the flash kernel's blocking
@@ -401,8 +482,6 @@ class TransformerRunner:
         start, row = chunk.start, chunk.row
         kv, group, dim = self.num_kv_heads, self.group, self.head_dim
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[row, :, start:start + n] = k.transpose(0, 1)
-        values[row, :, start:start + n] = v.transpose(0, 1)
         total = start + n
         kk, vv = keys[row, :, :total], values[row, :, :total]
         qq = q.transpose(0, 1).reshape(kv, group * n, dim)
@@ -419,3 +498,78 @@ class TransformerRunner:
         probs = torch.softmax(scores, dim=-1).to(self.dtype)
         out = _weighted_values(probs, vv)[:, :rows]
         return out.reshape(self.num_heads, n, dim).transpose(0, 1).reshape(n, -1)
+
+
+@dataclass(slots=True)
+class _OneChunk:
+    """A chunk attending by itself: its mask and its tokens' step indices ``[offset, end)``."""
+
+    chunk: PrefillChunk
+    mask: torch.Tensor
+    offset: int
+    end: int
+
+
+@dataclass(slots=True)
+class _ChunkBatch:
+    """Chunks attending as one pass padded to ``width`` queries and ``span`` keys each."""
+
+    rows: torch.Tensor  # [C] cache rows
+    width: int
+    span: int
+    gather: torch.Tensor  # [C x width] step index of each padded query
+    keep: torch.Tensor  # [tokens] padded slot of each real query
+    dest: torch.Tensor  # [tokens] its step index
+    mask: torch.Tensor  # [C, 1, 1, width, span] additive, float32
+
+
+@dataclass(slots=True)
+class _ChunkPlan:
+    """A step's chunk attention: where each chunk token's key goes, and who attends how."""
+
+    rows: torch.Tensor  # [tokens] cache row of each chunk token, in step order
+    positions: torch.Tensor  # [tokens] its position
+    alone: list[_OneChunk]
+    batches: list[_ChunkBatch]
+
+
+# a batch may spend half its real attention work on padding, plus this much (query x key
+# products per head) that any small batch may waste
+_PAD_SLACK = 16 * 256
+# at most this many fp32 scores per batch (1.5 MiB): a bigger batch's softmax and casts
+# leave the core's cache (30 chunks of 15 after a 200-token hit, SmolLM2 bf16, one thread:
+# 3.2-3.5 ms a layer in batches of 8, 3.6-3.8 ms in one batch, 6.1-6.5 ms chunk by chunk)
+_MAX_BATCH_SCORES = 3 * 128 * 1024
+# chunks seeing fewer keys attend alone: fp32 (MKL) scores over up to 11 keys round
+# otherwise than over more (measured), so padding their keys would change them
+_MIN_BATCH_SPAN = 16
+
+
+def _group_chunks(chunks: list[PrefillChunk], heads: int, group: int) -> list[list[int]]:
+    """Indices of ``chunks`` in batches (each in step order): longest first, a chunk joins
+    the current batch while the batch's padded work stays within 1.5 times its real work
+    plus ``_PAD_SLACK`` and its scores within ``_MAX_BATCH_SCORES``; otherwise it starts
+    the next one. One long chunk among short ones goes
+    alone; a step of similar short chunks is one batch. A chunk seeing fewer than
+    ``_MIN_BATCH_SPAN`` keys always goes alone."""
+    order = sorted(range(len(chunks)), key=lambda j: -len(chunks[j].token_ids))
+    batches: list[list[int]] = []
+    alone: list[list[int]] = []
+    width = span = real = 0
+    min_width = -(-_MIN_ROWS // group)
+    for j in order:
+        n, total = len(chunks[j].token_ids), chunks[j].start + len(chunks[j].token_ids)
+        if total < _MIN_BATCH_SPAN:
+            alone.append([j])
+            continue
+        if batches:
+            w, s = max(width, n, min_width), max(span, total)
+            padded = (len(batches[-1]) + 1) * w * s
+            if (2 * padded <= 3 * (real + n * total) + 2 * _PAD_SLACK
+                    and padded * heads <= _MAX_BATCH_SCORES):
+                batches[-1].append(j)
+                width, span, real = w, s, real + n * total
+                continue
+        batches.append([j])
+        width, span, real = max(n, min_width), total, n * total
+    return [sorted(b) for b in batches] + alone
