@@ -41,10 +41,11 @@ class Settings(BaseSettings):
     null_engine_tokens: int = 16
     null_engine_step_ms: float = 0.0  # simulated compute per null-engine step (soak tests)
 
-    # decode: pure decode steps run through one torch.compile-d layer graph (inductor,
-    # artifacts cached under ~/.cache/tokenfleet/inductor); off: eager. See
-    # docs/design/engine.md, "Compiled decode step (issue 15)"
-    compile: Literal["off", "decode"] = "off"
+    # decode: pure decode steps run through one torch.compile-d graph of one layer that
+    # every layer calls (inductor, artifacts cached under ~/.cache/tokenfleet/inductor);
+    # step: one graph of all layers (faster steps, a far longer first compile and start);
+    # off: eager. See docs/design/engine.md, "Compiled decode step (issue 15)"
+    compile: Literal["off", "decode", "step"] = "off"
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

@@ -169,7 +169,8 @@ def _norm_eps(module: torch.nn.Module) -> float:
 class CompiledDecode:
     """The decode layers of a ``TransformerRunner`` through one compiled layer graph."""
 
-    def __init__(self, runner: TransformerRunner, cache_dir: Path | None = None) -> None:
+    def __init__(self, runner: TransformerRunner, cache_dir: Path | None = None,
+                 unroll: bool = False) -> None:
         fused = runner.fused
         if any(f is None for f in fused) or any(
                 hasattr(layer.self_attn, "q_norm") for layer in runner.layers):
@@ -193,9 +194,24 @@ class CompiledDecode:
         self.runner = runner
         self.weights = [self._layer_weights(i) for i in range(len(runner.layers))]
         self.cache_dir = _use_cache_dir(cache_dir)
-        self.layer = torch.compile(
-            _make_layer(self.spec), dynamic=None, fullgraph=True,
-            options={"emulate_precision_casts": True})
+        self.unroll = unroll
+        self.stance = "eager_on_recompile"  # serving never stalls on a compile (tests: fail)
+        layer = _make_layer(self.spec)
+        fn: Callable[..., torch.Tensor] = layer
+        if unroll:
+            num_layers = len(self.weights)
+
+            def step(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     mask: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor],
+                     values: list[torch.Tensor], weights: list[tuple[torch.Tensor | None, ...]],
+                     ) -> torch.Tensor:
+                for i in range(num_layers):
+                    h = layer(h, cos, sin, mask, pos, keys[i], values[i], *weights[i])
+                return h
+
+            fn = step
+        self.compiled = torch.compile(fn, dynamic=None, fullgraph=True,
+                                      options={"emulate_precision_casts": True})
 
     def _layer_weights(self, i: int) -> tuple[torch.Tensor | None, ...]:
         layer, f = self.runner.layers[i], self.runner.fused[i]
@@ -212,9 +228,17 @@ class CompiledDecode:
     def layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Every decoder layer for rows ``0 .. B-1`` (``B = h.shape[0]``)."""
-        cache = self.runner.cache
-        for i, weights in enumerate(self.weights):
-            h = self.layer(h, cos, sin, mask, pos, cache.keys[i], cache.values[i], *weights)
+        return self._run(h, cos, sin, mask, pos, self.runner.cache.keys,
+                         self.runner.cache.values, self.stance)
+
+    def _run(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+             pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+             stance: str) -> torch.Tensor:
+        with torch.compiler.set_stance(stance):
+            if self.unroll:
+                return self.compiled(h, cos, sin, mask, pos, keys, values, self.weights)
+            for i, weights in enumerate(self.weights):
+                h = self.compiled(h, cos, sin, mask, pos, keys[i], values[i], *weights)
         return h
 
     def warm_up(self, batches: tuple[int, ...] = (1, 2, 4)) -> float:
@@ -234,27 +258,29 @@ class CompiledDecode:
         r, dev = self.runner, self.runner.device
         shape = (b + 4, r.num_kv_heads, length, r.head_dim)  # rows past b: as in a live cache
         with torch.inference_mode(False):  # like the cache's buffers (kv_cache.py)
-            keys = torch.zeros(shape, dtype=r.dtype, device=dev)
-            values = torch.zeros(shape, dtype=r.dtype, device=dev)
+            keys = [torch.zeros(shape, dtype=r.dtype, device=dev) for _ in self.weights]
+            values = [torch.zeros(shape, dtype=r.dtype, device=dev) for _ in self.weights]
         pos = torch.arange(b, device=dev)
         h = torch.zeros(b, r.embed.weight.shape[1], dtype=r.dtype, device=dev)
         cos, sin = r.cos[pos].unsqueeze(1), r.sin[pos].unsqueeze(1)
         mask = torch.zeros(b * r.num_kv_heads, 1, length, dtype=torch.float32, device=dev)
         # batch and length are the graph's only dynamic sizes (batch 1 is specialized anyway)
-        for t, dims in ((h, (0,)), (cos, (0,)), (sin, (0,)), (pos, (0,)), (mask, (0, 2)),
-                        (keys, (0, 2)), (values, (0, 2))):
+        marks = [(h, (0,)), (cos, (0,)), (sin, (0,)), (pos, (0,)), (mask, (0, 2))]
+        marks += [(t, (0, 2)) for t in keys + values]
+        for t, dims in marks:
             for d in dims:
                 torch._dynamo.maybe_mark_dynamic(t, d)
-        self.layer(h, cos, sin, mask, pos, keys, values, *self.weights[0])
+        self._run(h, cos, sin, mask, pos, keys, values, "default")  # compiles here
 
 
 def maybe_compile(runner: TransformerRunner, mode: str, **kwargs: Any) -> CompiledDecode | None:
-    """``CompiledDecode`` for ``mode == "decode"``; None (eager, with a warning saying why)
-    when the mode is off or the model cannot be compiled."""
+    """``CompiledDecode`` for ``decode`` (one graph of a layer) or ``step`` (one graph of all
+    layers); None (eager, with a warning saying why) for ``off`` or a model it cannot
+    compile."""
     if mode == "off":
         return None
     try:
-        return CompiledDecode(runner, **kwargs)
+        return CompiledDecode(runner, unroll=mode == "step", **kwargs)
     except UnsupportedCompileError as exc:
         log.warning("TOKENFLEET_COMPILE=%s ignored, decode stays eager: %s", mode, exc)
         return None
