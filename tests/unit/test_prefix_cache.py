@@ -210,3 +210,37 @@ def test_counts_reach_the_heartbeat_and_the_metrics() -> None:
     assert value("tokenfleet:prefix_cache_requests_total", {**labels, "outcome": "hit"}) == 4
     assert value("tokenfleet:prefix_cache_requests_total", {**labels, "outcome": "miss"}) == 2
     assert value("tokenfleet:prefix_cache_tokens", labels) == 80
+
+
+@pytest.mark.parametrize("len_align", [16, 7], ids=["whole-blocks", "token-fallback"])
+def test_loading_many_hits_at_once_equals_loading_each(len_align: int) -> None:
+    shape = CacheShape(2, 2, 3, torch.float32, torch.device("cpu"))
+    pool = PrefixCache(shape, 64, block_size=4)
+    src = RowKVCache(shape)
+    src.allocate("x")
+    src.ensure_capacity(1, 16)
+    for t in src.keys + src.values:
+        t.normal_()
+    prompt = list(range(10, 24))  # 14 tokens: 3 full blocks of 4
+    pool.insert(src, 0, prompt)
+    hits = [pool.match([*prompt[:n], 99, 98]) for n in (6, 12, 9)]  # mid-block, whole, mid
+    caches = []
+    for together in (True, False):
+        rows = RowKVCache(shape, len_align=len_align)
+        for i in range(3):
+            rows.allocate(f"r{i}")
+        rows.ensure_capacity(3, 14)
+        loads = [(i, hit, slots) for i, (hit, slots) in enumerate(hits)]
+        if together:
+            pool.load_many(rows, loads)
+        else:
+            for load in loads:
+                pool.load(rows, *load)
+        caches.append(rows)
+    for (hit, _), i in zip(hits, range(3), strict=True):
+        assert hit == (6, 12, 9)[i]
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values,
+                        strict=True):
+            assert torch.equal(a[i, :, :hit], b[i, :, :hit])
+    for a, s in zip(caches[0].keys + caches[0].values, src.keys + src.values, strict=True):
+        assert torch.equal(a[1, :, :12], s[0, :, :12])  # the pool's copy of the prompt

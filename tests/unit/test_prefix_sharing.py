@@ -5,6 +5,8 @@ once. Greedy tokens are always those of a run without the cache."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -194,12 +196,42 @@ def test_a_hit_that_cannot_be_copied_is_prefilled(model: torch.nn.Module,
     rec.drain()
     assert engine.prefix is not None
 
-    def broken_load(*args: object) -> None:
-        raise RuntimeError("no memory for the copy")
+    calls: list[str] = []
 
-    monkeypatch.setattr(engine.prefix, "load", broken_load)
+    def broken(name: str) -> Callable[..., None]:
+        def fail(*args: object) -> None:
+            calls.append(name)
+            raise RuntimeError("no memory for the copy")
+        return fail
+
+    monkeypatch.setattr(engine.prefix, "load_many", broken("load_many"))
+    monkeypatch.setattr(engine.prefix, "load", broken("load"))
     rec.add(requests[1:])
     rec.drain()
+    assert calls == ["load_many", "load", "load"]  # the step's two hits, then each alone
+    assert rec.tokens == cold(model, requests)
+
+
+def test_a_wave_of_hits_is_copied_in_one_pass_exactly(model: torch.nn.Module,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = burst(6)
+    engine = tiny_engine(model, prefix_cache_tokens=1024)
+    rec = Recorder(engine)
+    rec.add(requests[:1])
+    rec.drain()
+    assert engine.prefix is not None
+    calls: list[int] = []
+    load_many = engine.prefix.load_many
+
+    def counting(cache: RowKVCache, hits: list[tuple[int, int, list[int]]]) -> None:
+        calls.append(len(hits))
+        load_many(cache, hits)
+
+    monkeypatch.setattr(engine.prefix, "load_many", counting)
+    monkeypatch.setattr(engine.prefix, "load", None)  # never called one by one
+    rec.add(requests[1:])
+    rec.drain()
+    assert calls == [5]
     assert rec.tokens == cold(model, requests)
 
 

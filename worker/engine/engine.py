@@ -323,14 +323,24 @@ class LLMEngine:
 
     def _copy_hits(self, plan: SchedulerOutput) -> None:
         """Copy the prefixes found at admission into the rows of this plan (the cache is
-        sized); one that cannot be copied is prefilled instead."""
-        for chunk in plan.prefills:
-            pending = self._hits.pop(chunk.seq.id, None)
-            if pending is None:
-                continue
-            assert self.prefix is not None
+        sized), all in one pass; if that fails, one by one, and one that cannot be copied
+        is prefilled instead."""
+        pending = [(chunk, hit) for chunk in plan.prefills
+                   if (hit := self._hits.pop(chunk.seq.id, None)) is not None]
+        if not pending:
+            return
+        assert self.prefix is not None
+        if len(pending) > 1:
             try:
-                self.prefix.load(self.cache, self.cache.row_of(chunk.seq.id), *pending)
+                self.prefix.load_many(self.cache, [
+                    (self.cache.row_of(chunk.seq.id), *hit) for chunk, hit in pending])
+                return
+            except (RuntimeError, MemoryError) as exc:
+                log.warning("copying %d cached prefixes at once failed, one by one: %r",
+                            len(pending), exc)
+        for chunk, hit in pending:
+            try:
+                self.prefix.load(self.cache, self.cache.row_of(chunk.seq.id), *hit)
             except (RuntimeError, MemoryError) as exc:
                 log.warning("copying a cached prefix failed, prefilling it: %r", exc)
                 self._prefill_hit(chunk)

@@ -129,6 +129,32 @@ class PrefixCache:
             cache.keys[layer][row, :, :hit] = self.keys[layer].index_select(1, index)
             cache.values[layer][row, :, :hit] = self.values[layer].index_select(1, index)
 
+    def load_many(self, cache: RowKVCache, hits: list[tuple[int, int, list[int]]]) -> None:
+        """``load`` for several ``(row, hit, slots)`` at once, whole blocks at a time: per
+        layer one gather of the hits' blocks from the pool and one scatter into the rows,
+        for keys and for values (2 KiB runs instead of one head's token at a time).
+
+        A hit ending mid-block also copies the rest of that block's slot into the row past
+        ``hit``: those positions are past the row's length, so masked, until the step's
+        chunk, which starts at ``hit``, writes them. Falls back to token granularity where
+        the row buffer is not a whole number of blocks long."""
+        bs, dev = self.block_size, self.shape.device
+        if cache.len_cap % bs or any(len(slots) * bs > cache.len_cap for _, _, slots in hits):
+            for row, hit, slots in hits:
+                self.load(cache, row, hit, slots)
+            return
+        index = torch.tensor([s for _, _, slots in hits for s in slots], device=dev)
+        rows = torch.tensor([row for row, _, slots in hits for _ in slots], device=dev)
+        blocks = torch.tensor([b for _, _, slots in hits for b in range(len(slots))],
+                              device=dev)
+        kv, dim = self.shape.num_kv_heads, self.shape.head_dim
+        for layer in range(self.shape.num_layers):
+            for pool, rows_buf in ((self.keys[layer], cache.keys[layer]),
+                                   (self.values[layer], cache.values[layer])):
+                src = pool.view(kv, self.num_slots, bs * dim).index_select(1, index)
+                dst = rows_buf.view(cache.rows_cap, kv, cache.len_cap // bs, bs * dim)
+                dst[rows, :, blocks] = src.transpose(0, 1)
+
     def record(self, prompt_len: int, hit: int) -> None:
         """Count one lookup (``hit`` tokens of a ``prompt_len``-token prompt were reused)."""
         self.stats.query_tokens += prompt_len
