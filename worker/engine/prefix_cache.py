@@ -131,8 +131,9 @@ class PrefixCache:
 
     def load_many(self, cache: RowKVCache, hits: list[tuple[int, int, list[int]]]) -> None:
         """``load`` for several ``(row, hit, slots)`` at once, whole blocks at a time: per
-        layer one gather of the hits' blocks from the pool and one scatter into the rows,
-        for keys and for values (2 KiB runs instead of one head's token at a time).
+        layer and per distinct block list one gather from the pool and one scatter into the
+        rows, for keys and for values (2 KiB runs instead of one head's token at a time;
+        hits of one shared prefix read its blocks once).
 
         A hit ending mid-block also copies the rest of that block's slot into the row past
         ``hit``: those positions are past the row's length, so masked, until the step's
@@ -143,17 +144,20 @@ class PrefixCache:
             for row, hit, slots in hits:
                 self.load(cache, row, hit, slots)
             return
-        index = torch.tensor([s for _, _, slots in hits for s in slots], device=dev)
-        rows = torch.tensor([row for row, _, slots in hits for _ in slots], device=dev)
-        blocks = torch.tensor([b for _, _, slots in hits for b in range(len(slots))],
-                              device=dev)
+        by_slots: dict[tuple[int, ...], list[int]] = {}
+        for row, _, slots in hits:  # a shared system prompt: the same blocks for every hit
+            by_slots.setdefault(tuple(slots), []).append(row)
+        groups = [(torch.tensor(slots, device=dev), torch.tensor(rows, device=dev), len(slots))
+                  for slots, rows in by_slots.items()]
         kv, dim = self.shape.num_kv_heads, self.shape.head_dim
         for layer in range(self.shape.num_layers):
             for pool, rows_buf in ((self.keys[layer], cache.keys[layer]),
                                    (self.values[layer], cache.values[layer])):
-                src = pool.view(kv, self.num_slots, bs * dim).index_select(1, index)
+                blocks = pool.view(kv, self.num_slots, bs * dim)
                 dst = rows_buf.view(cache.rows_cap, kv, cache.len_cap // bs, bs * dim)
-                dst[rows, :, blocks] = src.transpose(0, 1)
+                for index, rows, count in groups:
+                    src = blocks.index_select(1, index)
+                    dst[rows, :, :count] = src.unsqueeze(0).expand(len(rows), kv, count, -1)
 
     def record(self, prompt_len: int, hit: int) -> None:
         """Count one lookup (``hit`` tokens of a ``prompt_len``-token prompt were reused)."""
