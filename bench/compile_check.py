@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--eager-twice", action="store_true",
+                        help="run eager in both passes (how reproducible eager itself is)")
     args = parser.parse_args(argv)
     settings = Settings()
     runner = build_runner(settings)
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         runner.compiled = None
         eager_tokens, eager_lp = _decode(runner, prompts, None, args.tokens)
-        runner.compiled = compiled
+        runner.compiled = None if args.eager_twice else compiled
         tokens, lp = _decode(runner, prompts, eager_tokens, args.tokens)
+    diffs = [(a - b).abs().max().item() for a, b in zip(eager_lp, lp, strict=True)]
+    first = next((i for i, d in enumerate(diffs) if d > 0), None)
     agree = sum(a == b for a, b in zip(eager_tokens, tokens, strict=True))
     gap = max((a - b).abs().max().item() for a, b in zip(eager_lp, lp, strict=True))
     top = max(
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         .abs().max().item() for a, b in zip(eager_lp, lp, strict=True))
     print(f"dtype {runner.dtype}, batch {args.batch}, {args.tokens} steps: greedy choices "
           f"equal at {agree}/{args.tokens} steps (all rows); largest logprob difference "
-          f"{gap:.3g} over the vocabulary, {top:.3g} at the eager top-1 token")
+          f"{gap:.3g} over the vocabulary, {top:.3g} at the eager top-1 token; first step "
+          f"with any difference: {first} (of {args.tokens})")
 
 
 if __name__ == "__main__":
