@@ -19,6 +19,7 @@ from bench.metrics import RequestRecord, RunResult
 from bench.workload import BenchRequest
 from shared.protocol import SamplingParams
 from shared.settings import Settings
+from worker.engine.compiled_step import attach
 from worker.engine.engine import LLMEngine
 from worker.engine.factory import engine_config, eos_token_ids, warm_up
 from worker.engine.loader import LoadedModel, load_model
@@ -80,7 +81,9 @@ class Bundle:
 
 def load_bundle(settings: Settings, path: Path) -> Bundle:
     loaded = load_model(settings, path)
-    engine = LLMEngine(TransformerRunner(loaded.model), loaded.tokenizer.backend_tokenizer,
+    runner = TransformerRunner(loaded.model)
+    attach(runner, settings.compile)  # TOKENFLEET_COMPILE, as the worker's build_engine
+    engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer,
                        engine_config(settings, eos_token_ids(loaded)))
     warm_up(engine)
     return Bundle(loaded, {}, engine)

@@ -26,14 +26,14 @@ from worker.engine.model_runner import TransformerRunner
 
 
 def build_runner(settings: Settings) -> TransformerRunner:
-    from worker.engine.compiled_step import maybe_compile
+    from worker.engine.compiled_step import attach
     from worker.model_store import resolve_model_path
 
     loaded = load_model(settings, Path(resolve_model_path(settings)))
     runner = TransformerRunner(loaded.model)
-    runner.compiled = maybe_compile(runner, settings.compile)
-    if runner.compiled is not None:
-        print(f"compiled decode warm-up {runner.compiled.warm_up():.1f} s")
+    took = attach(runner, settings.compile)
+    if took is not None:
+        print(f"compiled decode warm-up {took:.1f} s")
     return runner
 
 

@@ -284,3 +284,10 @@ def maybe_compile(runner: TransformerRunner, mode: str, **kwargs: Any) -> Compil
     except UnsupportedCompileError as exc:
         log.warning("TOKENFLEET_COMPILE=%s ignored, decode stays eager: %s", mode, exc)
         return None
+
+
+def attach(runner: TransformerRunner, mode: str) -> float | None:
+    """Give ``runner`` its compiled decode step for ``TOKENFLEET_COMPILE=mode`` and build
+    its graphs (or load them from the disk cache); the seconds that took, None when off."""
+    runner.compiled = maybe_compile(runner, mode)
+    return runner.compiled.warm_up() if runner.compiled is not None else None

@@ -11,7 +11,7 @@ from shared.errors import ModelLoadError
 from shared.model_info import ModelInfo
 from shared.protocol import SamplingParams
 from shared.settings import Settings
-from worker.engine.compiled_step import maybe_compile
+from worker.engine.compiled_step import attach
 from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
@@ -134,9 +134,7 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     path = resolve_model_path(settings)
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
-    runner.compiled = maybe_compile(runner, settings.compile)
-    if runner.compiled is not None:  # compiles, or loads the graphs from the disk cache
-        runner.compiled.warm_up()
+    attach(runner, settings.compile)  # compiled decode step: compiles or loads the graphs
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
                        grammars=grammar_backend(loaded, runner.vocab_size, eos),
