@@ -16,8 +16,35 @@ needs_packing = pytest.mark.skipif(
 )
 
 
-def test_fp32_weights_are_never_packed() -> None:
-    assert pack_linear(torch.randn(8, 16)) is None
+needs_fp32_packing = pytest.mark.skipif(
+    not can_pack(torch.zeros(1, 1)), reason="no oneDNN fp32 weight packing on this machine")
+
+
+@needs_fp32_packing
+def test_fp32_packed_rows_do_not_depend_on_the_row_count() -> None:
+    """fp32 is packed for batch invariance (a row's result at any row count), which MKL's
+    F.linear lacks below 4 rows; it stays within rounding of F.linear."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(96, 64, generator=gen)
+    bias = torch.randn(96, generator=gen)
+    x = torch.randn(70, 64, generator=gen)
+    for b in (None, bias):
+        linear = pack_linear(weight, b)
+        assert linear is not None
+        full = linear(x)
+        torch.testing.assert_close(full, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+        for rows in (1, 2, 3, 4, 5, 17, 64):
+            assert torch.equal(linear(x[:rows]), full[:rows])
+
+
+@needs_fp32_packing
+def test_fp32_runner_packed_and_plain_agree_within_rounding() -> None:
+    model = tiny_llama(torch.float32)
+    packed = TransformerRunner(model)
+    assert packed.lm_head_packed is not None and packed.fused[0].qkv_packed is not None
+    plain = TransformerRunner(model, pack_weights=False)
+    first_packed, first_plain = _logits(packed)[0], _logits(plain)[0]
+    torch.testing.assert_close(first_packed, first_plain, rtol=1e-4, atol=1e-4)
 
 
 @needs_packing

@@ -55,3 +55,20 @@ def test_one_pass_equals_decode_then_prefill(dtype: torch.dtype) -> None:
     (a, a_next), (b, b_next) = runs
     assert torch.equal(a, b)
     assert torch.equal(a_next, b_next)
+
+
+def test_fp32_with_every_matmul_packed_runs_a_mixed_step_in_one_pass() -> None:
+    """Packed fp32 rows do not depend on the row count, so the one pass is used (and the
+    test above holds bitwise for it); unpacked fp32 keeps the two passes."""
+    model = tiny_llama(torch.float32)
+    packed, plain = TransformerRunner(model), TransformerRunner(model, pack_weights=False)
+    assert not plain.rows_invariant
+    if not packed.rows_invariant:
+        pytest.skip("no oneDNN fp32 weight packing on this machine")
+    calls: list[int] = []
+    embed = packed.embed.forward
+    packed.embed.forward = lambda ids: calls.append(ids.shape[0]) or embed(ids)  # type: ignore[method-assign]
+    tokens = _start(packed)
+    calls.clear()
+    packed.decode_and_prefill(tokens, [len(p) for p in RUNNING], _joining_chunks())
+    assert calls == [len(RUNNING) + len(JOINING[0]) + 5]  # one pass over all the tokens

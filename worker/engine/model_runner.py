@@ -225,6 +225,12 @@ class TransformerRunner:
         self.dtype = self._compute_dtype(model)
         self.cos, self.sin = self._rope_tables(inner.rotary_emb)
         self.fused = [_fuse_layer(layer, pack_weights) for layer in self.layers]
+        # every matmul packed for oneDNN: a row's result never depends on the row count, so
+        # fp32 can run a mixed step in one pass too (MKL's F.linear cannot, see below)
+        self.rows_invariant = self.lm_head_packed is not None and all(
+            f is not None and None not in (f.qkv_packed, f.gate_up_packed, f.o_packed,
+                                           f.down_packed)
+            for f in self.fused)
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
@@ -309,9 +315,11 @@ class TransformerRunner:
         passes). Logits: the decode rows', then the chunks' as ``prefill`` gives them.
         Per-row results are bitwise those of the separate passes: bf16 matmuls do not depend
         on the row count or a row's place among them, and attention stays per decode batch
-        and per chunk. fp32 (MKL) ones do: rows in a trailing partial block of 4 round
-        differently (~5e-6), so in fp32 the two passes stay separate and tokens unchanged."""
-        if self.dtype == torch.float32 and token_ids and chunks:
+        and per chunk. fp32 MKL ones do: rows in a trailing partial block of 4 round
+        differently (~5e-6), so in fp32 the two passes stay separate unless every matmul is
+        packed for oneDNN (``rows_invariant``), whose fp32 rows do not depend on the count."""
+        if (self.dtype == torch.float32 and not self.rows_invariant and token_ids
+                and chunks):
             return torch.cat([self.decode_and_prefill(token_ids, positions, []),
                               self.decode_and_prefill([], [], chunks)])
         dev, b = self.device, len(token_ids)

@@ -1,4 +1,4 @@
-"""Linear weights pre-packed in oneDNN's blocked layout (bf16 on CPU).
+"""Linear weights pre-packed in oneDNN's blocked layout (bf16 and fp32 on CPU).
 
 ``F.linear`` on a bf16 CPU tensor already runs a oneDNN matmul, but it reorders the plain
 ``[out, in]`` weight into oneDNN's blocked layout on every call. Packing once at load
@@ -6,11 +6,16 @@
 calling ``torch.ops.mkldnn._linear_pointwise`` skips that: measured on SmolLM2's shapes on
 an AVX512-BF16 EPYC (docs/design/engine.md, "Where a decode step's time goes").
 
-A weight is packed only where the packed matmul gives bitwise the results ``F.linear``
-gives (checked on a probe at load, at a few row counts), so greedy tokens do not change.
-fp32 is never packed: there ``F.linear`` runs MKL, whose results the packed oneDNN kernel
-does not reproduce. The plain weight stays where it was (the model's own modules, a tied
-embedding); the packed copy costs as much memory again.
+Where a weight is packed is checked on a probe at load, at a few row counts:
+- bf16: only where the packed matmul gives bitwise the results ``F.linear`` gives (that is
+  oneDNN too, reordering per call), so greedy tokens do not change;
+- fp32: ``F.linear`` runs MKL, which the packed oneDNN kernel does not reproduce bitwise
+  (~1e-6). It is packed where a row's result does not depend on how many rows the call has
+  (batch invariance, which MKL itself lacks below 4 rows: the runner pads for it) and stays
+  within 1e-4 of ``F.linear``. It pays most there: at batch 1 MKL streams fp32 weights at
+  8-11 GB/s, oneDNN's packed kernel at 17-25 GB/s (SmolLM2's 30 layers, docs/design/engine.md).
+The plain weight stays where it was (the model's own modules, a tied embedding); the packed
+copy costs as much memory again.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class PackedLinear:
 def can_pack(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
+        and weight.dtype in (torch.bfloat16, torch.float32)
         and weight.dim() == 2
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
@@ -73,14 +78,19 @@ def pack_linear(
     except (RuntimeError, NotImplementedError) as exc:
         log.info("oneDNN weight packing unavailable: %r", exc)
         return None
-    log.warning("packed oneDNN matmul differs from F.linear here; weights left unpacked")
+    log.warning("packed oneDNN matmul differs from F.linear here (or, in fp32, depends on the "
+                "row count); weights left unpacked")
     return None
 
 
 def _agrees(linear: PackedLinear, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     gen = torch.Generator().manual_seed(0)
     probe = torch.randn(max(_PROBE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
-    return all(
-        torch.equal(linear(probe[:rows]), F.linear(probe[:rows], weight, bias))
-        for rows in _PROBE_ROWS
-    )
+    if weight.dtype != torch.float32:
+        return all(
+            torch.equal(linear(probe[:rows]), F.linear(probe[:rows], weight, bias))
+            for rows in _PROBE_ROWS
+        )
+    full = linear(probe)
+    return all(torch.equal(linear(probe[:rows]), full[:rows]) for rows in _PROBE_ROWS) and (
+        torch.allclose(full, F.linear(probe, weight, bias), rtol=1e-4, atol=1e-4))
