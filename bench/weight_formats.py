@@ -13,6 +13,11 @@ for each format, median microseconds of ``--repeats`` calls after three warm-up 
 - ``bnb-int8`` / ``bnb-nf4``: bitsandbytes' ``Linear8bitLt`` / ``Linear4bit`` (bf16 compute),
   when it is installed.
 
+``--streamed`` instead times one pass over ``--layers`` (30) distinct sets of a layer's four
+projections (q/k/v, o, gate/up, down), so every weight comes from memory as in a decode
+step: fp32 ``F.linear`` (MKL) against fp32 and bf16 packed for oneDNN, at 1 and 4 rows, in
+ms and GB/s of weights read.
+
 A format that cannot run here reports why instead of a time. Weights are random: a matmul's
 time does not depend on its values. The weights are re-read from memory at every call only
 for the lm_head (56 MB in bf16); the smaller ones partly stay in the CPU's caches, so read
@@ -118,6 +123,49 @@ def measure(rows: list[int], repeats: int) -> list[dict[str, object]]:
     return results
 
 
+LAYER_SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
+
+
+def measure_streamed(layers: int, rows: list[int], repeats: int = 5) -> list[dict[str, object]]:
+    """Best-of-``repeats`` ms for one pass over ``layers`` distinct projection sets."""
+    from worker.engine.packed import pack_linear
+
+    torch.manual_seed(0)
+    weights = [torch.randn(o, i) * i**-0.5 for _ in range(layers) for (o, i) in LAYER_SHAPES]
+    nbytes = {torch.float32: sum(w.numel() * 4 for w in weights)}
+    nbytes[torch.bfloat16] = nbytes[torch.float32] // 2
+    fns: dict[str, tuple[torch.dtype, list[Callable[[torch.Tensor], torch.Tensor]] | str]] = {
+        "fp32 F.linear (MKL)": (torch.float32,
+                                [lambda x, w=w: F.linear(x, w) for w in weights])}
+    for dtype, name in ((torch.float32, "fp32 packed (oneDNN)"),
+                        (torch.bfloat16, "bf16 packed (oneDNN)")):
+        packed = [pack_linear(w.to(dtype)) for w in weights]
+        fns[name] = (dtype, [p for p in packed if p is not None] if all(packed)
+                     else "not packed here")
+    results: list[dict[str, object]] = []
+    with torch.inference_mode():
+        for name, (dtype, calls) in fns.items():
+            for m in rows:
+                row: dict[str, object] = {"format": name, "rows": m}
+                if isinstance(calls, str):
+                    row["ms"] = calls
+                    results.append(row)
+                    continue
+                xs = {i: torch.randn(m, i, dtype=dtype) for i in {s[1] for s in LAYER_SHAPES}}
+                ins = [xs[w.shape[1]] for w in weights]
+                best = float("inf")
+                for attempt in range(repeats + 1):
+                    start = time.perf_counter()
+                    for fn, x in zip(calls, ins, strict=True):
+                        fn(x)
+                    if attempt:  # the first pass warms up
+                        best = min(best, time.perf_counter() - start)
+                row["ms"] = round(best * 1e3, 2)
+                row["GB/s"] = round(nbytes[dtype] / best / 1e9, 1)
+                results.append(row)
+    return results
+
+
 def markdown(results: list[dict[str, object]]) -> str:
     names = [k for k in results[0] if k not in ("shape", "rows")]
     lines = ["| shape | rows | " + " | ".join(names) + " |",
@@ -135,8 +183,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="1,8,32,64")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", action="store_true", help="print JSON, not Markdown")
+    parser.add_argument("--streamed", action="store_true",
+                        help="one pass over --layers distinct layers' projections instead")
+    parser.add_argument("--layers", type=int, default=30)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.streamed:
+        rows = measure_streamed(args.layers, [int(r) for r in args.rows.split(",")])
+        print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} "
+              f"threads; {args.layers} layers' projections, best of 5 passes")
+        print("| format | rows | ms | GB/s |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['format']} | {r['rows']} | {r['ms']} | {r.get('GB/s', 'n/a')} |")
+        return
     results = measure([int(r) for r in args.rows.split(",")], args.repeats)
     if args.json:
         print(json.dumps({"cpu": cpu_model(), "torch": torch.__version__,

@@ -19,3 +19,13 @@ def test_each_format_is_timed_or_reports_why(monkeypatch: pytest.MonkeyPatch) ->
     table = weight_formats.markdown(results)
     assert table.splitlines()[0].startswith("| shape | rows | fp32 | bf16 |")
     assert "| tiny | 4 |" in table
+
+
+def test_streamed_pass_times_each_format_and_rows() -> None:
+    rows = weight_formats.measure_streamed(layers=1, rows=[1, 4], repeats=1)
+    assert [(r["format"], r["rows"]) for r in rows][:2] == [("fp32 F.linear (MKL)", 1),
+                                                           ("fp32 F.linear (MKL)", 4)]
+    assert len(rows) == 6
+    for r in rows:
+        assert (isinstance(r["ms"], float) and r["ms"] > 0 and r["GB/s"] > 0) or isinstance(
+            r["ms"], str)
