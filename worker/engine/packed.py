@@ -78,8 +78,11 @@ def pack_linear(
     except (RuntimeError, NotImplementedError) as exc:
         log.info("oneDNN weight packing unavailable: %r", exc)
         return None
-    log.warning("packed oneDNN matmul differs from F.linear here (or, in fp32, depends on the "
-                "row count); weights left unpacked")
+    if weight.dtype == torch.float32:  # expected for some shapes (AVX-512: K = 1536)
+        log.info("packed fp32 oneDNN matmul of %s depends on the row count here; left to "
+                 "F.linear", tuple(weight.shape))
+    else:
+        log.warning("packed oneDNN matmul differs from F.linear here; weights left unpacked")
     return None
 
 
