@@ -106,14 +106,19 @@ def compare_packing(runner: TransformerRunner, args: argparse.Namespace) -> None
                 walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup)
                 best[name].append(min(walls))
                 _set_packing(runner, saved)
-        print(
-            f"batch {batch:3d}: "
-            + " | ".join(
-                f"{k} best {min(v):7.2f} ms (rounds {', '.join(f'{x:.1f}' for x in v)})"
-                for k, v in best.items()
-            )
-            + f" | load {os.getloadavg()[0]:.2f}"
+        _print_rounds(batch, best)
+
+
+def _print_rounds(batch: int, best: dict[str, list[float]]) -> None:
+    """One line per batch: each variant's best step and its rounds (an interleaved A/B)."""
+    print(
+        f"batch {batch:3d}: "
+        + " | ".join(
+            f"{k} best {min(v):7.2f} ms (rounds {', '.join(f'{x:.1f}' for x in v)})"
+            for k, v in best.items()
         )
+        + f" | load {os.getloadavg()[0]:.2f}"
+    )
 
 
 def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> None:
@@ -129,14 +134,7 @@ def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> Non
                 walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup)
                 best[name].append(min(walls))
         runner.compiled = compiled
-        print(
-            f"batch {batch:3d}: "
-            + " | ".join(
-                f"{k} best {min(v):7.2f} ms (rounds {', '.join(f'{x:.1f}' for x in v)})"
-                for k, v in best.items()
-            )
-            + f" | load {os.getloadavg()[0]:.2f}"
-        )
+        _print_rounds(batch, best)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -187,15 +187,22 @@ def test_eviction_while_requests_wait_and_run(model: torch.nn.Module) -> None:
     assert engine.prefix is not None and engine.prefix.num_tokens <= 64
 
 
-def test_a_hit_that_cannot_be_copied_is_prefilled(model: torch.nn.Module,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    requests = burst(3)
+def _first_request_cached(model: torch.nn.Module,
+                          requests: list[tuple[str, list[int], int]],
+                          ) -> tuple[LLMEngine, Recorder]:
+    """An engine whose prefix cache holds the first of ``requests`` (run to its end)."""
     engine = tiny_engine(model, prefix_cache_tokens=1024)
     rec = Recorder(engine)
     rec.add(requests[:1])
     rec.drain()
     assert engine.prefix is not None
+    return engine, rec
 
+
+def test_a_hit_that_cannot_be_copied_is_prefilled(model: torch.nn.Module,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    requests = burst(3)
+    engine, rec = _first_request_cached(model, requests)
     calls: list[str] = []
 
     def broken(name: str) -> Callable[..., None]:
@@ -215,11 +222,7 @@ def test_a_hit_that_cannot_be_copied_is_prefilled(model: torch.nn.Module,
 def test_a_wave_of_hits_is_copied_in_one_pass_exactly(model: torch.nn.Module,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     requests = burst(6)
-    engine = tiny_engine(model, prefix_cache_tokens=1024)
-    rec = Recorder(engine)
-    rec.add(requests[:1])
-    rec.drain()
-    assert engine.prefix is not None
+    engine, rec = _first_request_cached(model, requests)
     calls: list[int] = []
     load_many = engine.prefix.load_many
 
