@@ -175,11 +175,9 @@ class CompiledDecode:
         if any(f is None for f in fused) or any(
                 hasattr(layer.self_attn, "q_norm") for layer in runner.layers):
             raise UnsupportedCompileError("only plain fused Llama layers are compiled")
-        packed = [f.qkv_packed is not None for f in fused]  # type: ignore[union-attr]
-        all_packed = all(packed) and all(
-            f.o_packed is not None and f.gate_up_packed is not None  # type: ignore[union-attr]
-            and f.down_packed is not None for f in fused)  # type: ignore[union-attr]
-        if any(packed) and not all_packed:
+        all_packed = all(f.all_packed for f in fused)  # type: ignore[union-attr]
+        if not all_packed and any(f.qkv_packed is not None  # type: ignore[union-attr]
+                                  for f in fused):
             raise UnsupportedCompileError("some layers are packed and some are not")
         first = runner.layers[0]
         self.spec = LayerSpec(

@@ -71,16 +71,23 @@ class FusedWeights:
     qkv_weight: torch.Tensor
     qkv_bias: torch.Tensor | None
     gate_up_weight: torch.Tensor
-    # the same four projections packed for oneDNN (bf16 on CPU; None: F.linear), see packed.py
+    # the same four projections packed for oneDNN (bf16 and fp32 on CPU, where the probe in
+    # packed.py allows; None: F.linear)
     qkv_packed: PackedLinear | None = None
     gate_up_packed: PackedLinear | None = None
     o_packed: PackedLinear | None = None
     down_packed: PackedLinear | None = None
 
+    @property
+    def all_packed(self) -> bool:
+        """All four projections run packed."""
+        return None not in (self.qkv_packed, self.gate_up_packed, self.o_packed,
+                            self.down_packed)
+
 
 def _fuse_layer(layer: torch.nn.Module, pack: bool = True) -> FusedWeights | None:
     """Fuse plain (unquantized, bias-free MLP, SiLU) layers; None leaves the modules as is.
-    ``pack``: also pack the four projections for oneDNN where that is bitwise the same."""
+    ``pack``: also pack the four projections for oneDNN where packed.py's probe allows."""
     attn, mlp = layer.self_attn, getattr(layer, "mlp", None)
     linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
@@ -126,7 +133,8 @@ _MIN_ROWS = 4
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             packed: PackedLinear | None = None) -> torch.Tensor:
-    """``F.linear``, through the packed weight when there is one (bitwise the same)."""
+    """``F.linear``, through the packed weight when there is one (bitwise the same in bf16,
+    within ~1e-6 in fp32: see packed.py)."""
     if packed is not None:
         return _apply(packed, x)
     if x.shape[0] < _MIN_ROWS:
@@ -228,9 +236,7 @@ class TransformerRunner:
         # every matmul packed for oneDNN: a row's result never depends on the row count, so
         # fp32 can run a mixed step in one pass too (MKL's F.linear cannot, see below)
         self.rows_invariant = self.lm_head_packed is not None and all(
-            f is not None and None not in (f.qkv_packed, f.gate_up_packed, f.o_packed,
-                                           f.down_packed)
-            for f in self.fused)
+            f is not None and f.all_packed for f in self.fused)
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
