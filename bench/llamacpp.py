@@ -57,6 +57,17 @@ class LlamaCppUnavailable(RuntimeError):
     which step and why."""
 
 
+class LlamaCppExited(LlamaCppUnavailable):
+    """llama-server exited before it was ready; ``returncode`` as ``Popen`` gives it."""
+
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+SIGILL_EXIT = -4  # Popen's returncode for a process killed by SIGILL
+
+
 def system_name(precision: str) -> str:
     return f"llamacpp[{precision}]"
 
@@ -94,13 +105,15 @@ def convert_command(python: str, converter: Path, model_dir: Path, out: Path,
 
 
 def server_command(binary: Path, gguf: Path, port: int, slots: int, context_per_slot: int,
-                   threads: int) -> list[str]:
+                   threads: int, repack: bool = True) -> list[str]:
     """``llama-server`` as a CPU user would run it for ``slots`` concurrent clients:
     continuous batching (its default), ``-np`` slots sharing ``-c`` = slots x context per
-    slot, ``-t``/``-tb`` = cores, no web UI."""
-    return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "-np", str(slots), "-c", str(slots * context_per_slot), "-t", str(threads),
-            "-tb", str(threads), "--no-webui"]
+    slot, ``-t``/``-tb`` = cores, no web UI. ``repack=False`` adds ``--no-repack``: no
+    repacked weights, so none of the CPU-specific kernels that use them (AMX's among them)."""
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "-np", str(slots), "-c", str(slots * context_per_slot), "-t", str(threads),
+           "-tb", str(threads), "--no-webui"]
+    return cmd if repack else [*cmd, "--no-repack"]
 
 
 def context_per_slot(prompt_tokens: int, max_tokens: int) -> int:
@@ -226,8 +239,8 @@ def running_server(cmd: list[str], port: int, logfile: Path) -> Iterator[tuple[s
             deadline = time.monotonic() + READY_TIMEOUT_S
             while True:
                 if proc.poll() is not None:
-                    raise LlamaCppUnavailable(f"llama-server exited with {proc.returncode}: "
-                                              f"{_tail(logfile)}")
+                    raise LlamaCppExited(f"llama-server exited with {proc.returncode}: "
+                                         f"{_tail(logfile)}", proc.returncode)
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(base + "/health", timeout=2).status_code == 200:
                         break
@@ -243,6 +256,26 @@ def running_server(cmd: list[str], port: int, logfile: Path) -> Iterator[tuple[s
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _run_points(bench: Bench, system: str, url: str, pid: int,
+                points: list[tuple[int | None, float | None]]) -> None:
+    """Every load point against a running llama-server; a failed point is reported, the
+    others still run."""
+    from bench.fleet import process_cpu_seconds
+    from bench.http_load import run_async, run_http
+
+    for point in points:
+        try:
+            before = process_cpu_seconds(pid)
+            result = run_async(run_http(url, bench.settings.model_name, bench.load(*point),
+                                        http_client=bench.args.http_client, keepalive=False))
+            after = process_cpu_seconds(pid)
+            if before is not None and after is not None and result.wall_s:
+                result.cpu_cores = {"llama-server": round((after - before) / result.wall_s, 2)}
+            bench.record(system, point, result)
+        except Exception as exc:  # report the point, keep the others
+            bench.failed(system, point, exc)
 
 
 def _tail(path: Path) -> str:
@@ -277,8 +310,6 @@ def _served_dtype(bench: Bench) -> str:
 
 
 def run_llamacpp(bench: Bench) -> None:
-    from bench.fleet import process_cpu_seconds
-    from bench.http_load import run_async, run_http
     from shared.errors import ModelLoadError
     from tokenfleet.supervisor import free_port
     from worker.model_store import resolve_model_path
@@ -308,27 +339,30 @@ def run_llamacpp(bench: Bench) -> None:
         system = system_name(precision)
         try:
             gguf = cache.gguf(precision, model_dir, source)
-            port = free_port()
-            cmd = server_command(binary, gguf, port, slots, per_slot, threads)
-            bench.describe(system, f"llama.cpp `llama-server` ({sdist.name}), {gguf.name} "
-                           f"({gguf.stat().st_size / 2**20:.0f} MiB), `-np {slots} -c "
-                           f"{slots * per_slot} -t {threads}`, continuous batching")
+            describe = (f"llama.cpp `llama-server` ({sdist.name}), {gguf.name} "
+                        f"({gguf.stat().st_size / 2**20:.0f} MiB), `-np {slots} -c "
+                        f"{slots * per_slot} -t {threads}`, continuous batching")
             logfile = cache.root / f"server-{precision}.log"
-            with running_server(cmd, port, logfile) as (url, pid):
-                for point in points:
-                    try:
-                        before = process_cpu_seconds(pid)
-                        result = run_async(run_http(url, bench.settings.model_name,
-                                                    bench.load(*point),
-                                                    http_client=bench.args.http_client,
-                                                    keepalive=False))
-                        after = process_cpu_seconds(pid)
-                        if before is not None and after is not None and result.wall_s:
-                            result.cpu_cores = {"llama-server": round(
-                                (after - before) / result.wall_s, 2)}
-                        bench.record(system, point, result)
-                    except Exception as exc:  # report the point, keep the others
-                        bench.failed(system, point, exc)
+
+            def serve(repack: bool, system: str = system, gguf: Path = gguf,
+                      logfile: Path = logfile) -> None:
+                port = free_port()
+                cmd = server_command(binary, gguf, port, slots, per_slot, threads, repack)
+                with running_server(cmd, port, logfile) as (url, pid):
+                    _run_points(bench, system, url, pid, points)
+
+            bench.describe(system, describe)
+            try:
+                serve(repack=True)
+            except LlamaCppExited as exc:
+                if exc.returncode != SIGILL_EXIT:
+                    raise
+                # seen on a KVM guest with AMX: the repacked Q4_1 weights' AMX kernel dies on
+                # its first tile instruction; the plain kernels run
+                log.warning("llama-server died of SIGILL (%s); again with --no-repack", exc)
+                bench.describe(system, describe + "; `--no-repack`: with its default repacked "
+                               "weights it died of SIGILL (an illegal instruction) at start")
+                serve(repack=False)
         except (LlamaCppUnavailable, OSError) as exc:
             for point in points:
                 bench.failed(system, point, exc)

@@ -46,6 +46,23 @@ def test_server_command_gives_a_slot_per_client_and_their_context() -> None:
     assert value("-np") == "32" and value("-c") == str(32 * 512)
     assert value("-t") == "2" and value("-tb") == "2"
     assert value("--host") == "127.0.0.1"
+    assert "--no-repack" not in cmd
+    plain = llamacpp.server_command(Path("/b/llama-server"), Path("/g/m.gguf"), 8123, slots=32,
+                                    context_per_slot=512, threads=2, repack=False)
+    assert plain == [*cmd, "--no-repack"]
+
+
+def test_a_server_killed_by_sigill_before_ready_reports_its_exit_code(tmp_path: Path) -> None:
+    """What the bench retries with ``--no-repack``: llama-server's AMX kernels dying of
+    SIGILL on their first tile instruction (seen on a KVM guest)."""
+    script = tmp_path / "llama-server"
+    script.write_text("#!/bin/sh\necho loading\nkill -ILL $$\n")
+    script.chmod(0o755)
+    server = llamacpp.running_server([str(script)], 1, tmp_path / "server.log")
+    with pytest.raises(llamacpp.LlamaCppExited) as info, server:
+        pass
+    assert info.value.returncode == llamacpp.SIGILL_EXIT
+    assert "exited with -4" in str(info.value) and "loading" in str(info.value)
 
 
 def test_convert_command_uses_the_sdists_converter_and_refuses_the_shipped_q4_1() -> None:
