@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # step: one graph of all layers (faster steps, a far longer first compile and start);
     # off: eager. See docs/design/engine.md, "Compiled decode step (issue 15)"
     compile: Literal["off", "decode", "step"] = "off"
+    # background: the worker serves eager at once and the compiled graphs are built in a
+    # thread, attached between steps when all are ready; blocking: built before it serves
+    compile_warmup: Literal["background", "blocking"] = "background"
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

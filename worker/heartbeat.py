@@ -45,6 +45,7 @@ class WorkerStatus:
     prefix_cache_tokens: int = 0  # tokens the prefix pool holds now
     spec_proposed: int = 0  # speculative decoding: proposed tokens verified (since start)
     spec_accepted: int = 0  # of those, accepted
+    compiled: str = "off"  # compiled decode step: off/warming/active/failed (compile_warmup.py)
     started_at: float = field(default_factory=time.time)
 
     def update(self, stats: EngineStats) -> None:
@@ -59,6 +60,7 @@ class WorkerStatus:
         self.prefix_cache_tokens = stats.prefix_cache_tokens
         self.spec_proposed = stats.spec_proposed
         self.spec_accepted = stats.spec_accepted
+        self.compiled = stats.compiled
 
     def to_mapping(self) -> dict[str, str]:
         return {
@@ -76,6 +78,7 @@ class WorkerStatus:
             "prefix_cache_tokens": str(self.prefix_cache_tokens),
             "spec_proposed": str(self.spec_proposed),
             "spec_accepted": str(self.spec_accepted),
+            "compiled": self.compiled,
             "warm": "1" if self.is_warm else "0",
             "started_at": f"{self.started_at:.3f}",
             "state": self.state,

@@ -28,7 +28,7 @@ from shared.telemetry import (
     JobSummary,
     Sample,
 )
-from worker.engine.types import EngineStats, RequestOutput
+from worker.engine.types import COMPILE_STATES, EngineStats, RequestOutput
 from worker.startup import STAGES, StartupClock
 
 PREFIX = "tokenfleet:"
@@ -104,6 +104,10 @@ class WorkerMetrics:
         self.dead_lettered = Counter(f"{PREFIX}requests_dead_lettered",
                                      "Entries this worker moved to the dead-letter stream", m,
                                      registry=r)
+        self.compiled = Gauge(f"{PREFIX}compiled_decode_step",
+                              "1 for the compiled decode step's state (active: attached; "
+                              "warming: decode runs eager while it compiles)",
+                              ["model_name", "state"], registry=r)
         self.steps = Counter(f"{PREFIX}engine_steps", "Engine steps run", m, registry=r)
         self.spec_proposed = Counter(f"{PREFIX}spec_decode_num_draft_tokens",
                                      "Speculative decoding: proposed tokens verified", m,
@@ -230,6 +234,8 @@ class WorkerMetrics:
         self.kv_used.labels(self.model).set(stats.kv_tokens_used)
         usage = stats.kv_tokens_used / stats.kv_tokens_budget if stats.kv_tokens_budget else 0.0
         self.kv_usage.labels(self.model).set(usage)
+        for state in COMPILE_STATES:
+            self.compiled.labels(self.model, state).set(1.0 if stats.compiled == state else 0.0)
         self._on_cumulative_stats(stats)
 
     def _on_cumulative_stats(self, stats: EngineStats) -> None:

@@ -290,6 +290,9 @@ class WorkerService:
         for job in [job for job in self.jobs.values() if (job.stream, job.entry_id) in lost]:
             self._drop_lost(job)
         self.reclaimer.tidy()
+        stats = self.engine.stats()  # idle too: e.g. the compiled step attached meanwhile
+        self.status.update(stats)
+        self.metrics.on_engine_stats(stats)
         if not self.shutdown.is_requested and not self.inbox:
             self.inbox = self.reclaimer.claim(self.engine.num_free_slots())
             self.metrics.on_reclaimed(len(self.inbox))

@@ -5,10 +5,12 @@ SiLU) around four matmuls; at batch 1 their dispatch is about a third of the ste
 whole layer is one ``torch.compile``-d function that every layer calls with its own weights
 (the same graph: one compile serves all layers), with dynamic batch and cache-length
 dimensions, so the growing ``len_cap`` and any batch size reuse it. Pointwise work between
-the matmuls is fused into a few C++ kernels; the matmuls stay the kernels eager calls:
-packed oneDNN weights go through ``tokenfleet::packed_linear`` (an opaque custom op, since
+the matmuls is fused into a few C++ kernels; the matmuls stay the kernels eager calls,
+projection by projection (qkv, o_proj, gate_up, down_proj: ``LayerSpec.packed``): packed
+oneDNN weights go through ``tokenfleet::packed_linear`` (an opaque custom op, since
 inductor lowers ``mkldnn._linear_pointwise`` only for its own frozen constants), plain
-weights through ``F.linear`` (MKL, as eager).
+weights through ``F.linear`` (MKL, as eager). A layer may mix them (fp32 on AVX-512 keeps
+down_proj on F.linear, packed.py); every layer must mix them alike (one graph for all).
 
 What the compiled layer keeps from eager, so tokens do not depend on the path:
 - rows ``0 .. B-1`` only: the cache is passed as the ``[:B]`` views of its buffers, so no
@@ -17,6 +19,9 @@ What the compiled layer keeps from eager, so tokens do not depend on the path:
   shape guard: batch 1, 2-3 and 4+ are separate graphs, all compiled at warm-up);
 - bf16 intermediates are rounded where eager rounds them (``emulate_precision_casts``).
 Prefill and mixed steps, the embedding and the lm_head stay eager.
+
+``compile_warmup.py`` builds the graphs in a background thread while decode runs eager
+(``TOKENFLEET_COMPILE_WARMUP``) and attaches them when all are ready.
 
 Compiled artifacts go to inductor's on-disk caches under ``~/.cache/tokenfleet/inductor``
 (``TORCHINDUCTOR_CACHE_DIR``), so a worker's second start loads them instead of compiling.
@@ -36,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from worker.engine.model_runner import TransformerRunner
+    from worker.engine.model_runner import FusedWeights, TransformerRunner
+    from worker.engine.packed import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,11 @@ class LayerSpec:
     scale: float
     eps_in: float
     eps_post: float
-    packed: bool
+    packed: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down: oneDNN packed or F.linear
     dtype: torch.dtype
+
+
+PROJECTIONS = ("qkv", "o_proj", "gate_up", "down_proj")
 
 
 def _use_cache_dir(path: Path | None) -> Path:
@@ -113,23 +122,25 @@ def _make_layer(spec: LayerSpec) -> Callable[..., torch.Tensor]:
     heads, kv, dim = spec.heads, spec.kv_heads, spec.head_dim
     group = heads // kv
 
-    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+               packed: bool) -> torch.Tensor:
         n = x.shape[0]
         xp = _pad(x)
-        if spec.packed:
-            out = torch.ops.tokenfleet.packed_linear(xp, w, bias)
-        else:
-            out = F.linear(xp, w, bias)
+        out = (torch.ops.tokenfleet.packed_linear(xp, w, bias) if packed
+               else F.linear(xp, w, bias))
         return out[:n]
+
+    qkv_packed, o_packed, gate_up_packed, down_packed = spec.packed
 
     def layer(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
               pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               w_in: torch.Tensor, w_post: torch.Tensor, qkv_w: torch.Tensor,
               qkv_b: torch.Tensor | None, o_w: torch.Tensor, o_b: torch.Tensor | None,
-              gate_up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+              gate_up_w: torch.Tensor, down_w: torch.Tensor,
+              down_b: torch.Tensor | None) -> torch.Tensor:
         b, length = h.shape[0], keys.shape[2]
         x = _rms(h, w_in, spec.eps_in)
-        qkv = linear(x, qkv_w, qkv_b).view(b, heads + 2 * kv, dim)
+        qkv = linear(x, qkv_w, qkv_b, qkv_packed).view(b, heads + 2 * kv, dim)
         qk = qkv[:, :heads + kv]
         half = dim // 2
         rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
@@ -144,12 +155,30 @@ def _make_layer(spec: LayerSpec) -> Callable[..., torch.Tensor]:
         scores = torch.bmm(qb, kb.transpose(1, 2)).float() * spec.scale + mask
         probs = torch.softmax(scores, dim=-1).to(spec.dtype)
         attn = torch.bmm(probs, vb).view(b, heads * dim)
-        h = h + linear(attn, o_w, o_b)
+        h = h + linear(attn, o_w, o_b, o_packed)
         x = _rms(h, w_post, spec.eps_post)
-        gate, up = linear(x, gate_up_w, None).chunk(2, dim=-1)
-        return h + linear(F.silu(gate) * up, down_w, None)
+        gate, up = linear(x, gate_up_w, None, gate_up_packed).chunk(2, dim=-1)
+        return h + linear(F.silu(gate) * up, down_w, down_b, down_packed)
 
     return layer
+
+
+def _packed_linears(f: FusedWeights) -> tuple[PackedLinear | None, ...]:
+    return (f.qkv_packed, f.o_packed, f.gate_up_packed, f.down_packed)
+
+
+def _packed_flags(f: FusedWeights) -> tuple[bool, bool, bool, bool]:
+    qkv, o, gate_up, down = (p is not None for p in _packed_linears(f))
+    return (qkv, o, gate_up, down)
+
+
+def _describe(packed: tuple[bool, ...]) -> str:
+    """``"packed: qkv, o_proj, gate_up; F.linear: down_proj"``."""
+    on = [n for n, p in zip(PROJECTIONS, packed, strict=True) if p]
+    off = [n for n, p in zip(PROJECTIONS, packed, strict=True) if not p]
+    return "; ".join(part for part in (
+        f"packed: {', '.join(on)}" if on else "", f"F.linear: {', '.join(off)}" if off else "")
+        if part)
 
 
 def _norm_eps(module: torch.nn.Module) -> float:
@@ -171,19 +200,27 @@ class CompiledDecode:
 
     def __init__(self, runner: TransformerRunner, cache_dir: Path | None = None,
                  unroll: bool = False) -> None:
-        fused = runner.fused
-        if any(f is None for f in fused) or any(
-                hasattr(layer.self_attn, "q_norm") for layer in runner.layers):
+        fused = [f for f in runner.fused if f is not None]
+        if len(fused) != len(runner.fused) or any(
+                hasattr(layer.self_attn, "q_norm")
+                or type(layer.self_attn.o_proj) is not torch.nn.Linear
+                for layer in runner.layers):
             raise UnsupportedCompileError("only plain fused Llama layers are compiled")
-        all_packed = all(f.all_packed for f in fused)  # type: ignore[union-attr]
-        if not all_packed and any(f.qkv_packed is not None  # type: ignore[union-attr]
-                                  for f in fused):
-            raise UnsupportedCompileError("some layers are packed and some are not")
+        packed = _packed_flags(fused[0])
+        for i, f in enumerate(fused):
+            if _packed_flags(f) != packed:
+                raise UnsupportedCompileError(
+                    f"layer {i} runs {_describe(_packed_flags(f))}; layer 0 runs "
+                    f"{_describe(packed)} (one graph serves every layer)")
+        if not all(packed):
+            log.info("compiled decode step: %s (a projection stays on F.linear where "
+                     "packed.py's probe refused it; fp32 on AVX-512: down_proj, whose "
+                     "packed results depend on the row count)", _describe(packed))
         first = runner.layers[0]
         self.spec = LayerSpec(
             heads=runner.num_heads, kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
             scale=runner.scale, eps_in=_norm_eps(first.input_layernorm),
-            eps_post=_norm_eps(first.post_attention_layernorm), packed=all_packed,
+            eps_post=_norm_eps(first.post_attention_layernorm), packed=packed,
             dtype=runner.dtype)
         for layer in runner.layers:
             if (_norm_eps(layer.input_layernorm), _norm_eps(layer.post_attention_layernorm)
@@ -212,16 +249,20 @@ class CompiledDecode:
                                       options={"emulate_precision_casts": True})
 
     def _layer_weights(self, i: int) -> tuple[torch.Tensor | None, ...]:
+        """The layer graph's weight arguments: each projection's packed oneDNN weight where
+        ``spec.packed`` says so, else the plain ``[out, in]`` weight (F.linear)."""
         layer, f = self.runner.layers[i], self.runner.fused[i]
         assert f is not None
         attn, mlp = layer.self_attn, layer.mlp
         w_in, w_post = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        if self.spec.packed:
-            assert f.qkv_packed and f.o_packed and f.gate_up_packed and f.down_packed
-            return (w_in, w_post, f.qkv_packed.packed, f.qkv_packed.bias, f.o_packed.packed,
-                    f.o_packed.bias, f.gate_up_packed.packed, f.down_packed.packed)
-        return (w_in, w_post, f.qkv_weight, f.qkv_bias, attn.o_proj.weight, attn.o_proj.bias,
-                f.gate_up_weight, mlp.down_proj.weight)
+        plain: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+            (f.qkv_weight, f.qkv_bias), (attn.o_proj.weight, attn.o_proj.bias),
+            (f.gate_up_weight, None), (mlp.down_proj.weight, mlp.down_proj.bias)]
+        args: list[torch.Tensor | None] = []
+        for linear, (weight, bias) in zip(_packed_linears(f), plain, strict=True):
+            args += [linear.packed, linear.bias] if linear is not None else [weight, bias]
+        qkv_w, qkv_b, o_w, o_b, gate_up_w, _, down_w, down_b = args
+        return (w_in, w_post, qkv_w, qkv_b, o_w, o_b, gate_up_w, down_w, down_b)
 
     def layers(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -239,13 +280,18 @@ class CompiledDecode:
                 h = self.compiled(h, cos, sin, mask, pos, keys[i], values[i], *weights)
         return h
 
-    def warm_up(self, batches: tuple[int, ...] = (1, 2, 4)) -> float:
+    def warm_up(self, batches: tuple[int, ...] = (1, 2, 4),
+                should_stop: Callable[[], bool] | None = None) -> float:
         """Compile (or load from the disk cache) the graphs of these batch sizes on scratch
-        tensors (the runner's cache is not touched); returns the seconds it took."""
+        tensors (the runner's cache is not touched); returns the seconds it took.
+        ``should_stop`` is asked before each graph: True ends the warm-up there (shutdown).
+        Safe in a thread of its own while the runner serves eager (compile_warmup.py)."""
         start = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
                 for length in (64, 128):  # two lengths: the length dimension stays dynamic
+                    if should_stop is not None and should_stop():
+                        return time.perf_counter() - start
                     self._scratch_step(b, length)
         took = time.perf_counter() - start
         log.info("compiled decode step ready in %.1f s (graphs for batch %s)", took,

@@ -158,6 +158,7 @@ class LLMEngine:
             steps=self._steps,
             spec_proposed=self.speculator.num_proposed,
             spec_accepted=self.speculator.num_accepted,
+            compiled=getattr(self.runner, "compile_state", "off"),
         )
         if self.prefix is not None:
             p = self.prefix.stats

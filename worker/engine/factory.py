@@ -11,7 +11,7 @@ from shared.errors import ModelLoadError
 from shared.model_info import ModelInfo
 from shared.protocol import SamplingParams
 from shared.settings import Settings
-from worker.engine.compiled_step import attach
+from worker.engine.compile_warmup import CompileWarmup
 from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
@@ -128,13 +128,18 @@ def warm_up(engine: LLMEngine) -> float:
 def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = None,
                  ) -> tuple[LLMEngine, ModelInfo]:
     """``on_stage("weights")`` once the checkpoint is loaded, ``on_stage("warmup")`` after
-    the warm-up (the worker's cold-start clock)."""
+    the warm-up (the worker's cold-start clock). ``TOKENFLEET_COMPILE``'s graphs are built
+    before the engine's warm-up (``TOKENFLEET_COMPILE_WARMUP=blocking``) or in a thread
+    started after it (``background``: decode runs eager until they are attached; the
+    runner's ``compile_state`` says where that stands)."""
     from worker.model_store import resolve_model_path
 
     path = resolve_model_path(settings)
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
-    attach(runner, settings.compile)  # compiled decode step: compiles or loads the graphs
+    compile_warmup = CompileWarmup(runner, settings.compile)
+    if settings.compile_warmup == "blocking":
+        compile_warmup.start("blocking")  # compiles or loads the graphs before serving
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
                        grammars=grammar_backend(loaded, runner.vocab_size, eos),
@@ -143,6 +148,8 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
         on_stage("weights")
     log.info("warm-up took %.2f s", warm_up(engine))
     info = model_info(settings, loaded, runner.max_context)
+    if settings.compile_warmup == "background":
+        compile_warmup.start("background")  # the engine is ready: serve eager meanwhile
     if on_stage is not None:
         on_stage("warmup")
     return engine, info

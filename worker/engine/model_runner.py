@@ -12,6 +12,7 @@ Supported: Llama-shaped models (Llama, SmolLM, Mistral without sliding window, Q
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -58,6 +59,11 @@ class ModelRunner(Protocol):
 
 
 _EXACT_CANDIDATES = 8
+
+# Held around every forward pass. torch.fx's tracer patches ``torch.nn.Module.__call__`` for
+# every thread while it traces, so a compile in another thread (compile_warmup.py) takes
+# this lock around each trace: a step never calls a module through the patched method.
+FORWARD_LOCK = threading.RLock()
 
 
 class UnsupportedModelError(ValueError):
@@ -240,8 +246,10 @@ class TransformerRunner:
         self.cache = RowKVCache(
             CacheShape(len(self.layers), self.num_kv_heads, self.head_dim, self.dtype, self.device)
         )
-        # pure decode steps through compiled layers (TOKENFLEET_COMPILE=decode, compiled_step.py)
+        # pure decode steps through compiled layers (TOKENFLEET_COMPILE=decode, compiled_step.py);
+        # attached by compile_warmup.py once warm (maybe from its thread, between steps)
         self.compiled: CompiledDecode | None = None
+        self.compile_state = "off"  # compile_warmup.COMPILE_STATES
 
     @staticmethod
     def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -324,6 +332,11 @@ class TransformerRunner:
         and per chunk. fp32 MKL ones do: rows in a trailing partial block of 4 round
         differently (~5e-6), so in fp32 the two passes stay separate unless every matmul is
         packed for oneDNN (``rows_invariant``), whose fp32 rows do not depend on the count."""
+        with FORWARD_LOCK:
+            return self._forward(token_ids, positions, chunks)
+
+    def _forward(self, token_ids: list[int], positions: list[int],
+                 chunks: list[PrefillChunk]) -> torch.Tensor:
         if (self.dtype == torch.float32 and not self.rows_invariant and token_ids
                 and chunks):
             return torch.cat([self.decode_and_prefill(token_ids, positions, []),
@@ -336,8 +349,9 @@ class TransformerRunner:
         decode_mask = self._decode_mask(pos[:b])
         plan = self._chunk_plan(chunks, b, pos[b:]) if chunks else None
         h = self.embed(torch.tensor(token_ids + flat, device=dev))
-        if self.compiled is not None and not chunks:
-            return self._logits(self.compiled.layers(h, cos, sin, decode_mask, pos))
+        compiled = self.compiled  # read once: attached from another thread (compile_warmup.py)
+        if compiled is not None and not chunks:
+            return self._logits(compiled.layers(h, cos, sin, decode_mask, pos))
         for i in range(len(self.layers)):
             q, k, v = self._qkv(i, h, cos, sin)
             if plan is None:

@@ -41,6 +41,11 @@ class RequestOutput:
     choice_finish_reason: str | None = None  # n > 1: this choice ended (maybe not the rest)
 
 
+# the compiled decode step (worker/engine/compile_warmup.py): not asked for or not possible,
+# being compiled while decode runs eager, attached, failed (eager), warm-up stopped (shutdown)
+COMPILE_STATES = ("off", "warming", "active", "failed", "stopped")
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int = 0
@@ -57,6 +62,7 @@ class EngineStats:
     prefix_cache_capacity: int = 0  # its size (TOKENFLEET_PREFIX_CACHE_TOKENS; 0 = off)
     spec_proposed: int = 0  # speculative decoding: proposed tokens verified (cumulative)
     spec_accepted: int = 0  # of those, accepted
+    compiled: str = "off"  # the compiled decode step: off/warming/active/failed/stopped
 
 
 class Engine(Protocol):
