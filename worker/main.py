@@ -63,6 +63,26 @@ def run(settings: Settings, build: EngineBuilder = build_engine) -> int:
     """Serve ``settings.model`` until SIGTERM/SIGINT; 0 after a clean drain, 1 on failure.
 
     ``build`` makes the engine (tests pass a slowed-down null engine)."""
+    code = _run(settings, build)
+    exit_if_compiling(code)
+    return code
+
+
+def exit_if_compiling(code: int) -> None:
+    """Stopped while the compiled decode step still warms up in its thread (compile_warmup.py):
+    end the process now, everything else closed, since the interpreter's own exit would abort
+    under that thread (C++ "terminate called"), or wait for a compile."""
+    warmup = sys.modules.get("worker.engine.compile_warmup")  # imported only with torch
+    if warmup is None or not warmup.any_warming():
+        return
+    logger.info("exiting while the compiled decode step is still warming up")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(settings: Settings, build: EngineBuilder) -> int:
     shutdown = ShutdownSignal()
     shutdown.install()
     status = WorkerStatus(worker_id=make_worker_id(), model=settings.model_name,

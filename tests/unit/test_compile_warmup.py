@@ -213,3 +213,19 @@ def test_setting_and_heartbeat_field(monkeypatch: pytest.MonkeyPatch) -> None:
     runner.compile_state = "warming"
     status.update(_engine(runner).stats())
     assert status.to_mapping()["compiled"] == "warming"
+
+
+def test_a_worker_stopped_mid_warm_up_ends_the_process_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter's own exit aborts under a thread inside inductor (C++ terminate)."""
+    import worker.engine.compile_warmup as compile_warmup
+    import worker.main as worker_main
+
+    exits: list[int] = []
+    monkeypatch.setattr(worker_main.os, "_exit", exits.append)
+    monkeypatch.setattr(worker_main.logging, "shutdown", lambda: None)
+    worker_main.exit_if_compiling(0)
+    assert exits == []  # no warm-up running: the normal exit
+    monkeypatch.setattr(compile_warmup, "any_warming", lambda: True)
+    worker_main.exit_if_compiling(3)
+    assert exits == [3]

@@ -54,6 +54,16 @@ class Warmable(Protocol):
                 should_stop: Callable[[], bool] | None = None) -> float: ...
 
 
+_threads: list[threading.Thread] = []  # background warm-ups started in this process
+
+
+def any_warming() -> bool:
+    """A background warm-up is still running (the process must then end with ``os._exit``:
+    finalizing the interpreter under a thread inside inductor aborts it, "terminate called
+    without an active exception"; worker/main.py does that)."""
+    return any(t.is_alive() for t in _threads)
+
+
 @contextlib.contextmanager
 def traces_exclude_forward_passes() -> Iterator[None]:
     """While inside, every ``torch.fx`` trace (dynamo's, AOTAutograd's, inductor's: they all
@@ -116,6 +126,7 @@ class CompileWarmup:
             return
         self._thread = threading.Thread(target=self._background, args=(started,),
                                         name="compile-warmup", daemon=True)
+        _threads.append(self._thread)
         self._thread.start()
         log.info("compiled decode step (TOKENFLEET_COMPILE=%s) warming up in the "
                  "background; decode runs eager until it is attached", self.mode)
