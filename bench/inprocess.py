@@ -24,6 +24,7 @@ from worker.engine.engine import LLMEngine
 from worker.engine.factory import engine_config, eos_token_ids, warm_up
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
+from worker.engine.native_attention import attach as attach_native
 from worker.engine.scheduler import SchedulingPolicy
 from worker.engine.speculative import SpeculativeMethod
 from worker.engine.types import EngineRequest
@@ -83,6 +84,7 @@ def load_bundle(settings: Settings, path: Path) -> Bundle:
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
     attach(runner, settings.compile)  # TOKENFLEET_COMPILE, as the worker's build_engine
+    attach_native(runner, settings.attention, settings.compile)  # TOKENFLEET_ATTENTION
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer,
                        engine_config(settings, eos_token_ids(loaded)))
     warm_up(engine)

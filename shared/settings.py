@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     # background: the worker serves eager at once and the compiled graphs are built in a
     # thread, attached between steps when all are ready; blocking: built before it serves
     compile_warmup: Literal["background", "blocking"] = "background"
+    # decode attention: torch (two batched matmuls over every row's whole buffer, masked) or
+    # native (a C kernel built once with the machine's compiler that reads each row's own
+    # keys; CPU, eager steps only). See docs/design/engine.md, "Native decode attention"
+    attention: Literal["torch", "native"] = "torch"
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

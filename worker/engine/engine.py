@@ -404,7 +404,7 @@ class LLMEngine:
                                c.completes_prompt) for c in plan.prefills]
         chunks += [PrefillChunk(self.cache.row_of(s.id), s.num_cached,
                                 [s.last_token_id, *drafts[s.id]], True,
-                                len(drafts[s.id]) + 1) for s in verifies]
+                                len(drafts[s.id]) + 1, verify=True) for s in verifies]
         ids, positions = [s.last_token_id for s in decodes], [s.num_cached for s in decodes]
         if decodes and chunks:  # one pass: the weights are read once for the whole step
             logits = self.runner.decode_and_prefill(ids, positions, chunks)

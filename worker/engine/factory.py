@@ -16,6 +16,7 @@ from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
+from worker.engine.native_attention import attach as attach_native
 from worker.engine.speculative import SpeculativeConfig
 from worker.engine.types import EngineRequest
 from worker.model_store import generation_defaults
@@ -140,6 +141,7 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     compile_warmup = CompileWarmup(runner, settings.compile)
     if settings.compile_warmup == "blocking":
         compile_warmup.start("blocking")  # compiles or loads the graphs before serving
+    attach_native(runner, settings.attention, settings.compile)
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
                        grammars=grammar_backend(loaded, runner.vocab_size, eos),

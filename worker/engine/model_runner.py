@@ -25,6 +25,7 @@ from worker.engine.packed import PackedLinear, pack_linear
 
 if TYPE_CHECKING:
     from worker.engine.compiled_step import CompiledDecode
+    from worker.engine.native_attention import NativeAttention
 
 
 @dataclass(slots=True)
@@ -36,6 +37,9 @@ class PrefillChunk:
     token_ids: list[int]
     wants_logits: bool  # the chunk ends the prompt: sample the first token from it
     num_logits: int = 1  # logits of the chunk's last ``num_logits`` tokens (verification)
+    # a speculative verification (a decoded token and its draft): with the native attention
+    # its queries attend as decode queries do, so verified tokens are the decoded ones
+    verify: bool = False
 
 
 class ModelRunner(Protocol):
@@ -250,6 +254,9 @@ class TransformerRunner:
         # attached by compile_warmup.py once warm (maybe from its thread, between steps)
         self.compiled: CompiledDecode | None = None
         self.compile_state = "off"  # compile_warmup.COMPILE_STATES
+        # decode (and verification) attention through the C kernel that reads each row's own
+        # keys (TOKENFLEET_ATTENTION=native, native_attention.py); None: the torch bmms
+        self.native: NativeAttention | None = None
 
     @staticmethod
     def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -394,6 +401,8 @@ class TransformerRunner:
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
         keys[rows, :, pos] = k
         values[rows, :, pos] = v
+        if self.native is not None:
+            return self.native.attend(q, keys, values, rows, pos + 1, self.scale)
         kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
         vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
         qb = q.reshape(b * self.num_kv_heads, self.group, self.head_dim)
@@ -415,6 +424,11 @@ class TransformerRunner:
             offset += len(c.token_ids)
         alone: list[_OneChunk] = []
         batches: list[_ChunkBatch] = []
+        native = None
+        if self.native is not None and any(c.verify for c in chunks):
+            native = self._native_queries(chunks, offsets)
+            keep = [j for j, c in enumerate(chunks) if not c.verify]
+            chunks, offsets = [chunks[j] for j in keep], [offsets[j] for j in keep]
         for members in _group_chunks(chunks, self.num_heads, self.group):
             if len(members) == 1:
                 j = members[0]
@@ -424,7 +438,23 @@ class TransformerRunner:
             else:
                 batches.append(self._chunk_batch([chunks[j] for j in members],
                                                  [offsets[j] for j in members]))
-        return _ChunkPlan(rows, positions, alone, batches)
+        return _ChunkPlan(rows, positions, alone, batches, native)
+
+    def _native_queries(self, chunks: list[PrefillChunk], offsets: list[int]) -> _NativeQueries:
+        """The verification chunks' queries for the native kernel: step index, cache row and
+        visible keys (its position + 1) of each, as decode queries."""
+        index, rows, lens = [], [], []
+        for c, offset in zip(chunks, offsets, strict=True):
+            if c.verify:
+                n = len(c.token_ids)
+                index += range(offset, offset + n)
+                rows += [c.row] * n
+                lens += range(c.start + 1, c.start + n + 1)
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=self.device, dtype=torch.long)
+
+        return _NativeQueries(longs(index), longs(rows), longs(lens))
 
     def _chunk_mask(self, chunk: PrefillChunk) -> torch.Tensor:
         """Additive mask ``[n, start + n]``: query ``start + j`` sees keys ``<= start + j``."""
@@ -473,6 +503,11 @@ class TransformerRunner:
             out[start:end] = self._chunk_attention(layer_idx, one.chunk, one.mask, q[start:end])
         for batch in plan.batches:
             out.index_copy_(0, batch.dest, self._batch_attention(layer_idx, batch, q))
+        if plan.native is not None:
+            assert self.native is not None
+            nq = plan.native
+            out.index_copy_(0, nq.index, self.native.attend(
+                q.index_select(0, nq.index), keys, values, nq.rows, nq.lens, self.scale))
 
     def _batch_attention(self, layer_idx: int, batch: _ChunkBatch,
                          q: torch.Tensor) -> torch.Tensor:
@@ -559,6 +594,16 @@ class _ChunkPlan:
     positions: torch.Tensor  # [tokens] its position
     alone: list[_OneChunk]
     batches: list[_ChunkBatch]
+    native: _NativeQueries | None = None  # verification queries, native kernel
+
+
+@dataclass(slots=True)
+class _NativeQueries:
+    """Chunk queries that attend through the native kernel, as decode queries do."""
+
+    index: torch.Tensor  # [n] step index of each query
+    rows: torch.Tensor  # [n] its cache row
+    lens: torch.Tensor  # [n] keys it sees: its position + 1
 
 
 # a batch may spend half its real attention work on padding, plus this much (query x key

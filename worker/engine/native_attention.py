@@ -1,0 +1,290 @@
+"""Attention over each query's own keys, read in place from the row KV cache (a C kernel).
+
+The torch decode attention (``model_runner._decode_attention``) is two batched matmuls over
+every row's whole ``len_cap`` buffer with a mask, so a short row pays for the longest, and
+slicing rows to their lengths makes torch copy them first (docs/design/engine.md, "Decode
+attention over padding"). This kernel reads, for each query, only the keys it sees: keys
+``[0, length)`` of its row, for every KV head and its group of query heads at once (each key
+and value is loaded once per group). OpenMP splits the (query, KV head) pairs over the cores
+(the process's one OpenMP runtime: torch's ``libgomp.so.1``).
+
+Its numbers are the torch path's up to the summation order: in bf16 a score is rounded to
+bf16 (what the bf16 ``bmm`` returns), scaled and softmaxed in fp32, the probabilities are
+rounded to bf16 and the values summed in fp32, then rounded to bf16. A query's result never
+depends on the other queries (batch invariance holds by construction) or on the buffer's
+length (no padding is read).
+
+Built once per machine with the C compiler (``cc -O3 -march=native -fopenmp``; gcc's vector
+extensions, so AVX2 and AVX-512 machines each get their widest code) into
+``~/.cache/tokenfleet/native/``; where there is no compiler or the build fails the worker
+logs why and keeps the torch attention.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from worker.engine.model_runner import TransformerRunner
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(LANES * 2)));
+#define MAXG 16
+#define MAXC 16 /* head_dim up to 256 */
+
+static inline float bf2f(uint16_t x) {
+    union { uint32_t u; float f; } c; c.u = (uint32_t)x << 16; return c.f;
+}
+static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } c; c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+static inline vf load_bf16(const uint16_t* p) {
+    vu16 h; memcpy(&h, p, sizeof h);
+    vu32 w = __builtin_convertvector(h, vu32) << 16;
+    vf out; memcpy(&out, &w, sizeof out); return out;
+}
+static inline vf load_f32(const float* p) { vf out; memcpy(&out, p, sizeof out); return out; }
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+static inline float hsum(vf x) {  /* a tree: 16 -> 8 -> 4 -> 2 -> 1 */
+    vf8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+          + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* One (query, KV head) pair: its G query heads against keys [0, len) of cache row ``row``.
+   ``s``: scratch of G x len floats. */
+#define BODY(T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                                        \
+    const T* qq = q + ((int64_t)n * KV * G + (int64_t)h * G) * D;                               \
+    const T* kb = k + ((int64_t)row * KV + h) * cap * D;                                         \
+    const T* vb = v + ((int64_t)row * KV + h) * cap * D;                                         \
+    int nc = D / LANES;                                                                          \
+    vf qv[MAXG][MAXC];                                                                           \
+    for (int g = 0; g < G; g++)                                                                  \
+        for (int c = 0; c < nc; c++) qv[g][c] = LOAD(qq + g * D + c * LANES);                    \
+    for (int j = 0; j < len; j++) {                                                              \
+        vf acc[MAXG];                                                                            \
+        for (int g = 0; g < G; g++) acc[g] = (vf){0};                                            \
+        for (int c = 0; c < nc; c++) {                                                           \
+            vf kk = LOAD(kb + (int64_t)j * D + c * LANES);                                       \
+            for (int g = 0; g < G; g++) acc[g] += qv[g][c] * kk;                                 \
+        }                                                                                        \
+        for (int g = 0; g < G; g++) s[g * len + j] = STORE_SCORE(hsum(acc[g])) * scale;          \
+    }                                                                                            \
+    for (int g = 0; g < G; g++) {                                                                \
+        float* sg = s + g * len; float m = -INFINITY, sum = 0.f;                                 \
+        for (int j = 0; j < len; j++) m = sg[j] > m ? sg[j] : m;                                 \
+        for (int j = 0; j < len; j++) { sg[j] = expf(sg[j] - m); sum += sg[j]; }                 \
+        for (int j = 0; j < len; j++) sg[j] = STORE_PROB(sg[j] / sum);                           \
+    }                                                                                            \
+    vf acc[MAXG][MAXC];                                                                          \
+    for (int g = 0; g < G; g++) for (int c = 0; c < nc; c++) acc[g][c] = (vf){0};                \
+    for (int j = 0; j < len; j++) {                                                              \
+        for (int c = 0; c < nc; c++) {                                                           \
+            vf vv = LOAD(vb + (int64_t)j * D + c * LANES);                                       \
+            for (int g = 0; g < G; g++) acc[g][c] += s[g * len + j] * vv;                        \
+        }                                                                                        \
+    }                                                                                            \
+    T* o = out + ((int64_t)n * KV * G + (int64_t)h * G) * D;                                     \
+    for (int g = 0; g < G; g++) for (int c = 0; c < nc; c++) for (int i = 0; i < LANES; i++)   \
+        o[g * D + c * LANES + i] = STORE_OUT(acc[g][c][i]);
+
+static inline float round_bf16(float x) { return bf2f(f2bf(x)); }
+static inline float same(float x) { return x; }
+
+/* q, out: [N, KV*G, D]; k, v: [rows, KV, cap, D]; rows, lens: [N]. Returns 0, or -1 when the
+   shapes are beyond the kernel's limits (nothing written). */
+int attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* rows,
+                   const int64_t* lens, uint16_t* out, int N, int KV, int G, int D, int cap,
+                   float scale) {
+    if (G > MAXG || D % LANES || D / LANES > MAXC) return -1;
+    #pragma omp parallel
+    {
+        float* s = NULL; int have = 0;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < (int64_t)N * KV; t++) {
+            int n = (int)(t / KV), h = (int)(t % KV);
+            int64_t row = rows[n]; int len = (int)lens[n];
+            if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; }
+            BODY(uint16_t, load_bf16, round_bf16, round_bf16, f2bf)
+        }
+        free(s);
+    }
+    return 0;
+}
+
+int attention_f32(const float* q, const float* k, const float* v, const int64_t* rows,
+                  const int64_t* lens, float* out, int N, int KV, int G, int D, int cap,
+                  float scale) {
+    if (G > MAXG || D % LANES || D / LANES > MAXC) return -1;
+    #pragma omp parallel
+    {
+        float* s = NULL; int have = 0;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < (int64_t)N * KV; t++) {
+            int n = (int)(t / KV), h = (int)(t % KV);
+            int64_t row = rows[n]; int len = (int)lens[n];
+            if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; }
+            BODY(float, load_f32, same, same, same)
+        }
+        free(s);
+    }
+    return 0;
+}
+"""
+_SOURCE = "#include <stdlib.h>\n" + _SOURCE
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_LANES = 16
+_MAX_GROUP = 16
+_MAX_HEAD_DIM = 256
+
+
+class NativeAttentionError(RuntimeError):
+    """The kernel cannot be built or loaded here; the message says why."""
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "tokenfleet" / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """The kernel's shared library, compiled once per source, flags and CPU (``-march=native``
+    code must not move to another CPU kind) and cached; raises ``NativeAttentionError``."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeAttentionError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_flags()]).encode())
+    out_dir = cache_dir or default_cache_dir()
+    lib = out_dir / f"attention-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        src, built = Path(tmp) / "attention.c", Path(tmp) / "attention.so"
+        src.write_text(_SOURCE)
+        try:
+            proc = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NativeAttentionError(f"cannot run {compiler}: {exc}") from exc
+        if proc.returncode != 0:
+            raise NativeAttentionError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+        built.replace(lib)  # atomic: a concurrent worker finds a whole file or none
+    return lib
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+class NativeAttention:
+    """``attend(q, keys, values, rows, lens, scale)`` through the compiled kernel."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as exc:
+            raise NativeAttentionError(f"cannot load {path}: {exc}") from exc
+        args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_float]
+        self._fns = {torch.bfloat16: lib.attention_bf16, torch.float32: lib.attention_f32}
+        for fn in self._fns.values():
+            fn.argtypes, fn.restype = args, ctypes.c_int
+        self.path = path
+
+    @staticmethod
+    def supports(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int,
+                 head_dim: int) -> str | None:
+        """Why the kernel cannot serve this model, or None when it can."""
+        if device.type != "cpu":
+            return f"it runs on CPU only (the model is on {device.type})"
+        if dtype not in (torch.bfloat16, torch.float32):
+            return f"dtype {dtype} (bfloat16 and float32 only)"
+        if head_dim % _LANES or head_dim > _MAX_HEAD_DIM:
+            return f"head_dim {head_dim} (a multiple of {_LANES} up to {_MAX_HEAD_DIM})"
+        if heads % kv_heads or heads // kv_heads > _MAX_GROUP:
+            return f"{heads} query heads over {kv_heads} KV heads (groups up to {_MAX_GROUP})"
+        return None
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               rows: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """``q [N, heads, D]`` (query ``n`` reads keys ``[0, lens[n])`` of cache row
+        ``rows[n]``) against ``keys``/``values [rows, kv_heads, cap, D]``; ``[N, heads x D]``."""
+        n, heads, dim = q.shape
+        _, kv, cap, _ = keys.shape
+        if not (keys.is_contiguous() and values.is_contiguous()):
+            raise ValueError("the cache buffers must be contiguous")
+        q = q.contiguous()
+        rows = rows.to(torch.int64).contiguous()
+        lens = lens.to(torch.int64).contiguous()
+        if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cap):
+            raise ValueError(f"key lengths must be in [1, {cap}]")
+        out = torch.empty(n, heads * dim, dtype=q.dtype, device=q.device)
+        status = self._fns[q.dtype](_ptr(q), _ptr(keys), _ptr(values), _ptr(rows), _ptr(lens),
+                                    _ptr(out), n, kv, heads // kv, dim, cap, scale)
+        if status != 0:
+            raise ValueError(f"shape beyond the kernel: heads {heads}, kv {kv}, dim {dim}")
+        return out
+
+
+def load(cache_dir: Path | None = None) -> NativeAttention:
+    """Build (or find) and load the kernel; raises ``NativeAttentionError``."""
+    return NativeAttention(build(cache_dir))
+
+
+def attach(runner: TransformerRunner, mode: str, compile_mode: str = "off") -> bool:
+    """Give ``runner`` the native kernel for ``TOKENFLEET_ATTENTION=native``; False (the
+    torch attention, with a warning saying why) where it cannot: a compiled decode step (its
+    graph has its own attention, and a request's tokens must not depend on which steps ran
+    compiled), a model or device the kernel does not cover, or no working compiler."""
+    runner.native = None
+    if mode != "native":
+        return False
+    if compile_mode != "off":
+        log.warning("TOKENFLEET_ATTENTION=native ignored with TOKENFLEET_COMPILE=%s: the "
+                    "compiled graph attends by itself", compile_mode)
+        return False
+    why = NativeAttention.supports(runner.dtype, runner.device, runner.num_heads,
+                                   runner.num_kv_heads, runner.head_dim)
+    if why is not None:
+        log.warning("TOKENFLEET_ATTENTION=native ignored, attention stays torch: %s", why)
+        return False
+    try:
+        runner.native = load()
+    except NativeAttentionError as exc:
+        log.warning("TOKENFLEET_ATTENTION=native ignored, attention stays torch: %s", exc)
+        return False
+    log.info("decode attention: native kernel %s", runner.native.path.name)
+    return True
