@@ -50,14 +50,23 @@ def fill_rows(runner: TransformerRunner, batch: int, context: int, steps: int) -
 
 
 def time_steps(
-    runner: TransformerRunner, batch: int, context: int, steps: int, warmup: int
+    runner: TransformerRunner, batch: int, context: int, steps: int, warmup: int,
+    mixed: bool = False,
 ) -> tuple[list[float], list[float]]:
+    """``mixed``: rows at the mixed workload's lengths (``bench.decode_attention``), at most
+    ``context``; else rows of a few lengths just under ``context``."""
     fill_rows(runner, batch, context, warmup + steps)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, runner.vocab_size, (warmup + steps, batch), generator=gen).tolist()
+    if mixed:
+        from bench.decode_attention import mixed_lengths
+
+        start = mixed_lengths(batch, context, gen).tolist()
+    else:
+        start = [context - 8 * (b % 4) for b in range(batch)]
     walls, cpus = [], []
     for i in range(warmup + steps):
-        pos = [context - 8 * (b % 4) + i for b in range(batch)]  # rows of a few lengths
+        pos = [s + i for s in start]
         t0, c0 = time.perf_counter(), time.process_time()
         runner.decode(ids[i], pos)
         if i >= warmup:
@@ -139,6 +148,24 @@ def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> Non
         _print_rounds(batch, best)
 
 
+def compare_attention(runner: TransformerRunner, args: argparse.Namespace) -> None:
+    """torch and native decode attention, interleaved in one process, rows at the mixed
+    workload's lengths (``TOKENFLEET_ATTENTION=native`` must have loaded the kernel)."""
+    native = runner.native
+    if native is None:
+        raise SystemExit("--ab-attention needs TOKENFLEET_ATTENTION=native (and a compiler)")
+    for batch in (int(b) for b in args.batch.split(",")):
+        best: dict[str, list[float]] = {"torch": [], "native": []}
+        for _ in range(3):
+            for name in best:
+                runner.native = native if name == "native" else None
+                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup,
+                                      mixed=True)
+                best[name].append(min(walls))
+        runner.native = native
+        _print_rounds(batch, best)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,32,64")
@@ -156,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="alternate eager and compiled decode (TOKENFLEET_COMPILE=decode; interleaved)",
     )
+    parser.add_argument(
+        "--ab-attention",
+        action="store_true",
+        help="alternate torch and native attention (TOKENFLEET_ATTENTION=native; rows at "
+        "the mixed workload's lengths up to --context)",
+    )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     settings = Settings()
@@ -170,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         return compare_packing(runner, args)
     if args.ab_compile:
         return compare_compiled(runner, args)
+    if args.ab_attention:
+        return compare_attention(runner, args)
     for batch in (int(b) for b in args.batch.split(",")):
         t0 = time.perf_counter()
         walls, cpus = time_steps(runner, batch, args.context, args.steps, args.warmup)
