@@ -206,13 +206,32 @@ def keys_first_variant(b: Batch, masks: dict[str, torch.Tensor]) -> Variant:
     return run
 
 
+def native_variant(b: Batch) -> Variant | None:
+    """The runner's ``TOKENFLEET_ATTENTION=native`` kernel (None where it cannot be built)."""
+    from worker.engine.native_attention import NativeAttentionError, load
+
+    try:
+        kernel = load()
+    except NativeAttentionError as exc:
+        print(f"native kernel unavailable: {exc}")
+        return None
+    n, kv, _, dim = b.shape
+    rows = torch.arange(n)
+
+    def run(b: Batch, i: int) -> torch.Tensor:
+        q = b.q.view(n, kv * b.group, dim)
+        return kernel.attend(q, b.keys[i], b.values[i], rows, b.lengths, dim**-0.5)
+    return run
+
+
 def variants(b: Batch) -> dict[str, Variant]:
     _, kv, cap, _ = b.shape
     longest = int(b.lengths.max())
     masks = {"buffer": additive_mask(b.lengths, cap, kv),
              "slice": additive_mask(b.lengths, longest, kv)}
-    return {
+    found: dict[str, Variant | None] = {
         "buffer (kept)": buffer_variant(masks),
+        "native kernel (own keys)": native_variant(b),
         f"slice to longest ({longest})": slice_variant(masks, longest),
         "slice into scratch": scratch_variant(b, masks, longest),
         "2 length groups": groups_variant(b, 2),
@@ -223,6 +242,7 @@ def variants(b: Batch) -> dict[str, Variant]:
         "queries padded to 4 rows": padded_variant(b, masks),
         "fused score passes": fused_variant(b),
     }
+    return {name: fn for name, fn in found.items() if fn is not None}
 
 
 def time_variant(fn: Variant, b: Batch, reps: int) -> float:
