@@ -83,8 +83,8 @@ class Bundle:
 def load_bundle(settings: Settings, path: Path) -> Bundle:
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
+    attach_native(runner, settings.attention)  # TOKENFLEET_ATTENTION, before the graph
     attach(runner, settings.compile)  # TOKENFLEET_COMPILE, as the worker's build_engine
-    attach_native(runner, settings.attention, settings.compile)  # TOKENFLEET_ATTENTION
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer,
                        engine_config(settings, eos_token_ids(loaded)))
     warm_up(engine)

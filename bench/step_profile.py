@@ -32,8 +32,8 @@ def build_runner(settings: Settings) -> TransformerRunner:
 
     loaded = load_model(settings, Path(resolve_model_path(settings)))
     runner = TransformerRunner(loaded.model)
+    attach_native(runner, settings.attention)  # before the compiled graph, which uses it
     took = attach(runner, settings.compile)
-    attach_native(runner, settings.attention, settings.compile)
     if took is not None:
         print(f"compiled decode warm-up {took:.1f} s")
     return runner
@@ -154,6 +154,8 @@ def compare_attention(runner: TransformerRunner, args: argparse.Namespace) -> No
     native = runner.native
     if native is None:
         raise SystemExit("--ab-attention needs TOKENFLEET_ATTENTION=native (and a compiler)")
+    if runner.compiled is not None:  # its graph was built with the kernel; it stays there
+        raise SystemExit("--ab-attention compares eager steps: TOKENFLEET_COMPILE=off")
     for batch in (int(b) for b in args.batch.split(",")):
         best: dict[str, list[float]] = {"torch": [], "native": []}
         for _ in range(3):

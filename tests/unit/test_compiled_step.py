@@ -81,6 +81,38 @@ def test_fp32_greedy_tokens_equal_eager(fp32_runs: dict[str, tuple]) -> None:
     assert diff < 1e-4  # measured 1.7e-6: fused norms/softmax sum in another order
 
 
+@pytest.fixture(scope="module")
+def native_fp32_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
+    """TOKENFLEET_ATTENTION=native with TOKENFLEET_COMPILE=decode: eager steps attend through
+    the C kernel, the compiled layer through it as ``tokenfleet::native_attention``."""
+    from worker.engine import native_attention
+
+    try:
+        kernel = native_attention.load()
+    except native_attention.NativeAttentionError as exc:  # no C compiler on this machine
+        pytest.skip(f"native attention unavailable: {exc}")
+    model = tiny_llama(torch.float32, seed=1)
+    eager = TransformerRunner(model)
+    eager.native = kernel
+    runner = TransformerRunner(model)
+    runner.native = kernel  # before the graph is built: it reads runner.native
+    runner.compiled = CompiledDecode(runner, cache_dir=tmp_path_factory.mktemp("inductor"))
+    assert runner.compiled.spec.native
+    runner.compiled.warm_up()
+    runner.compiled.stance = "fail_on_recompile"
+    return {"eager": _run(eager), "compiled": _run(runner)}
+
+
+def test_native_fp32_greedy_tokens_equal_eager_native(
+        native_fp32_runs: dict[str, tuple]) -> None:
+    eager_tokens, eager_logits, _, _ = native_fp32_runs["eager"]
+    tokens, logits, before, after = native_fp32_runs["compiled"]
+    assert tokens == eager_tokens
+    assert torch.equal(before, after)  # row 5 (mid-prefill) is never written
+    diff = max((a - b).abs().max().item() for a, b in zip(logits, eager_logits, strict=True))
+    assert diff < 1e-4
+
+
 def test_rows_past_the_batch_are_never_written(fp32_runs: dict[str, tuple]) -> None:
     _, _, before, after = fp32_runs["compiled"]
     assert torch.equal(before, after)  # row 5 (mid-prefill) is past every decode batch

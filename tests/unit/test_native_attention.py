@@ -121,12 +121,18 @@ def test_speculative_verification_attends_as_decode_does(
         assert fast.stats().spec_accepted > 0
 
 
-def test_attach_falls_back_to_torch_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_attach_falls_back_to_torch_with_a_warning(caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     runner = TransformerRunner(tiny_llama(torch.float32))
     assert native_attention.attach(runner, "torch") is False and runner.native is None
+
+    def no_compiler(cache_dir: Path | None = None) -> native_attention.NativeAttention:
+        raise native_attention.NativeAttentionError("no C compiler (cc or gcc) on PATH")
+
+    monkeypatch.setattr(native_attention, "load", no_compiler)
     with caplog.at_level(logging.WARNING, logger="worker.engine.native_attention"):
-        assert native_attention.attach(runner, "native", compile_mode="decode") is False
-    assert runner.native is None and "TOKENFLEET_COMPILE=decode" in caplog.text
+        assert native_attention.attach(runner, "native") is False
+    assert runner.native is None and "no C compiler" in caplog.text
     assert native_attention.NativeAttention.supports(
         torch.float16, torch.device("cpu"), 4, 2, 16) is not None
     assert "head_dim 24" in (native_attention.NativeAttention.supports(
@@ -161,3 +167,22 @@ def test_a_verification_chunk_gives_the_decode_logits_bitwise(
     second = decoded.decode([41], [len(ids) + 1])
     verified = fresh().prefill([PrefillChunk(0, len(ids), [40, 41], True, 2, verify=True)])
     assert torch.equal(verified[0], first[0]) and torch.equal(verified[1], second[0])
+
+
+def test_attach_does_not_refuse_a_compiled_step(kernel: native_attention.NativeAttention,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """TOKENFLEET_COMPILE no longer excludes the kernel: the compiled layer attends through
+    it (``tokenfleet::native_attention``; tests/unit/test_compiled_step.py)."""
+    runner = TransformerRunner(tiny_llama(torch.float32))
+    with caplog.at_level(logging.WARNING, logger="worker.engine.native_attention"):
+        assert native_attention.attach(runner, "native") is True
+    assert runner.native is not None and not caplog.text
+
+
+def test_the_custom_op_is_the_kernel(kernel: native_attention.NativeAttention) -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 16, generator=gen)
+    keys, values = (torch.randn(5, 2, 32, 16, generator=gen) for _ in range(2))
+    rows, lens = torch.tensor([4, 0, 2]), torch.tensor([1, 32, 9])
+    out = torch.ops.tokenfleet.native_attention(q, keys, values, rows, lens, 0.25)
+    assert torch.equal(out, kernel.attend(q, keys, values, rows, lens, 0.25))

@@ -78,6 +78,7 @@ class LayerSpec:
     eps_post: float
     packed: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down: oneDNN packed or F.linear
     dtype: torch.dtype
+    native: bool = False  # attention through tokenfleet::native_attention (runner.native)
 
 
 PROJECTIONS = ("qkv", "o_proj", "gate_up", "down_proj")
@@ -149,12 +150,16 @@ def _make_layer(spec: LayerSpec) -> Callable[..., torch.Tensor]:
         rows = torch.arange(b, device=h.device)  # rows >= b are never written (mid-prefill)
         keys[rows, :, pos] = k  # on the whole buffer: in place, no copy of it
         values[rows, :, pos] = v
-        kb = keys[:b].view(b * kv, length, dim)
-        vb = values[:b].view(b * kv, length, dim)
-        qb = q.reshape(b * kv, group, dim)
-        scores = torch.bmm(qb, kb.transpose(1, 2)).float() * spec.scale + mask
-        probs = torch.softmax(scores, dim=-1).to(spec.dtype)
-        attn = torch.bmm(probs, vb).view(b, heads * dim)
+        if spec.native:  # the eager native path's kernel: each row's own keys, in place
+            attn = torch.ops.tokenfleet.native_attention(q, keys, values, rows, pos + 1,
+                                                         spec.scale)
+        else:
+            kb = keys[:b].view(b * kv, length, dim)
+            vb = values[:b].view(b * kv, length, dim)
+            qb = q.reshape(b * kv, group, dim)
+            scores = torch.bmm(qb, kb.transpose(1, 2)).float() * spec.scale + mask
+            probs = torch.softmax(scores, dim=-1).to(spec.dtype)
+            attn = torch.bmm(probs, vb).view(b, heads * dim)
         h = h + linear(attn, o_w, o_b, o_packed)
         x = _rms(h, w_post, spec.eps_post)
         gate, up = linear(x, gate_up_w, None, gate_up_packed).chunk(2, dim=-1)
@@ -221,7 +226,12 @@ class CompiledDecode:
             heads=runner.num_heads, kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
             scale=runner.scale, eps_in=_norm_eps(first.input_layernorm),
             eps_post=_norm_eps(first.post_attention_layernorm), packed=packed,
-            dtype=runner.dtype)
+            dtype=runner.dtype, native=runner.native is not None)
+        if self.spec.native:
+            import worker.engine.native_attention  # noqa: F401  (registers the custom op)
+
+            log.info("compiled decode step: attention through the native kernel "
+                     "(TOKENFLEET_ATTENTION=native)")
         for layer in runner.layers:
             if (_norm_eps(layer.input_layernorm), _norm_eps(layer.post_attention_layernorm)
                     ) != (self.spec.eps_in, self.spec.eps_post):

@@ -138,10 +138,10 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     path = resolve_model_path(settings)
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
+    attach_native(runner, settings.attention)  # first: the compiled graph attends through it
     compile_warmup = CompileWarmup(runner, settings.compile)
     if settings.compile_warmup == "blocking":
         compile_warmup.start("blocking")  # compiles or loads the graphs before serving
-    attach_native(runner, settings.attention, settings.compile)
     eos = eos_token_ids(loaded)
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer, engine_config(settings, eos),
                        grammars=grammar_backend(loaded, runner.vocab_size, eos),

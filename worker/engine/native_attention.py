@@ -210,6 +210,9 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+_loaded: list[NativeAttention] = []  # the kernel the custom op calls (every load: one code)
+
+
 class NativeAttention:
     """``attend(q, keys, values, rows, lens, scale)`` through the compiled kernel."""
 
@@ -223,6 +226,7 @@ class NativeAttention:
         for fn in self._fns.values():
             fn.argtypes, fn.restype = args, ctypes.c_int
         self.path = path
+        _loaded[:] = [self]
 
     @staticmethod
     def supports(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int,
@@ -264,17 +268,33 @@ def load(cache_dir: Path | None = None) -> NativeAttention:
     return NativeAttention(build(cache_dir))
 
 
-def attach(runner: TransformerRunner, mode: str, compile_mode: str = "off") -> bool:
+@torch.library.custom_op("tokenfleet::native_attention", mutates_args=())
+def native_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     rows: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """``NativeAttention.attend`` as an opaque op, so the compiled decode layer
+    (``compiled_step.py``, ``LayerSpec.native``) attends through the same kernel as eager
+    decode: a request's tokens do not depend on which of its steps ran compiled. The body
+    runs eagerly (a ctypes call) with the kernel loaded last."""
+    if not _loaded:
+        raise NativeAttentionError("tokenfleet::native_attention before the kernel is loaded")
+    return _loaded[0].attend(q, keys, values, rows, lens, scale)
+
+
+@native_attention.register_fake
+def _native_attention_fake(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           rows: torch.Tensor, lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def attach(runner: TransformerRunner, mode: str) -> bool:
     """Give ``runner`` the native kernel for ``TOKENFLEET_ATTENTION=native``; False (the
-    torch attention, with a warning saying why) where it cannot: a compiled decode step (its
-    graph has its own attention, and a request's tokens must not depend on which steps ran
-    compiled), a model or device the kernel does not cover, or no working compiler."""
+    torch attention, with a warning saying why) where it cannot: a model or device the
+    kernel does not cover, or no working compiler. With ``TOKENFLEET_COMPILE`` on, attach
+    before the compiled step is built: ``CompiledDecode`` reads ``runner.native`` then and
+    its graph attends through the same kernel (``tokenfleet::native_attention``)."""
     runner.native = None
     if mode != "native":
-        return False
-    if compile_mode != "off":
-        log.warning("TOKENFLEET_ATTENTION=native ignored with TOKENFLEET_COMPILE=%s: the "
-                    "compiled graph attends by itself", compile_mode)
         return False
     why = NativeAttention.supports(runner.dtype, runner.device, runner.num_heads,
                                    runner.num_kv_heads, runner.head_dim)
