@@ -142,7 +142,8 @@ def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> Non
         for _ in range(3):
             for name in best:
                 runner.compiled = compiled if name == "compiled" else None
-                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup)
+                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup,
+                                      mixed=args.mixed)
                 best[name].append(min(walls))
         runner.compiled = compiled
         _print_rounds(batch, best)
@@ -190,6 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="alternate torch and native attention (TOKENFLEET_ATTENTION=native; rows at "
         "the mixed workload's lengths up to --context)",
+    )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="--ab-compile with rows at the mixed workload's lengths up to --context",
     )
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
