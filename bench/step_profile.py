@@ -132,41 +132,38 @@ def _print_rounds(batch: int, best: dict[str, list[float]]) -> None:
     )
 
 
+def _interleave(runner: TransformerRunner, args: argparse.Namespace, attr: str,
+                names: tuple[str, str], mixed: bool) -> None:
+    """Step times with ``runner.<attr>`` None (``names[0]``) and as built (``names[1]``),
+    interleaved in one process (controls for the machine), three rounds per batch."""
+    built = getattr(runner, attr)
+    for batch in (int(b) for b in args.batch.split(",")):
+        best: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(3):
+            for name in names:
+                setattr(runner, attr, built if name == names[1] else None)
+                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup,
+                                      mixed=mixed)
+                best[name].append(min(walls))
+        setattr(runner, attr, built)
+        _print_rounds(batch, best)
+
+
 def compare_compiled(runner: TransformerRunner, args: argparse.Namespace) -> None:
     """Eager and compiled decode, interleaved in one process (controls for the machine)."""
-    compiled = runner.compiled
-    if compiled is None:
+    if runner.compiled is None:
         raise SystemExit("--ab-compile needs TOKENFLEET_COMPILE=decode")
-    for batch in (int(b) for b in args.batch.split(",")):
-        best: dict[str, list[float]] = {"eager": [], "compiled": []}
-        for _ in range(3):
-            for name in best:
-                runner.compiled = compiled if name == "compiled" else None
-                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup,
-                                      mixed=args.mixed)
-                best[name].append(min(walls))
-        runner.compiled = compiled
-        _print_rounds(batch, best)
+    _interleave(runner, args, "compiled", ("eager", "compiled"), args.mixed)
 
 
 def compare_attention(runner: TransformerRunner, args: argparse.Namespace) -> None:
     """torch and native decode attention, interleaved in one process, rows at the mixed
     workload's lengths (``TOKENFLEET_ATTENTION=native`` must have loaded the kernel)."""
-    native = runner.native
-    if native is None:
+    if runner.native is None:
         raise SystemExit("--ab-attention needs TOKENFLEET_ATTENTION=native (and a compiler)")
     if runner.compiled is not None:  # its graph was built with the kernel; it stays there
         raise SystemExit("--ab-attention compares eager steps: TOKENFLEET_COMPILE=off")
-    for batch in (int(b) for b in args.batch.split(",")):
-        best: dict[str, list[float]] = {"torch": [], "native": []}
-        for _ in range(3):
-            for name in best:
-                runner.native = native if name == "native" else None
-                walls, _ = time_steps(runner, batch, args.context, args.steps, args.warmup,
-                                      mixed=True)
-                best[name].append(min(walls))
-        runner.native = native
-        _print_rounds(batch, best)
+    _interleave(runner, args, "native", ("torch", "native"), True)
 
 
 def main(argv: list[str] | None = None) -> None:

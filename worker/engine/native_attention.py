@@ -116,45 +116,30 @@ static inline float hsum(vf x) {  /* a tree: 16 -> 8 -> 4 -> 2 -> 1 */
 static inline float round_bf16(float x) { return bf2f(f2bf(x)); }
 static inline float same(float x) { return x; }
 
-/* q, out: [N, KV*G, D]; k, v: [rows, KV, cap, D]; rows, lens: [N]. Returns 0, or -1 when the
-   shapes are beyond the kernel's limits (nothing written). */
-int attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* rows,
-                   const int64_t* lens, uint16_t* out, int N, int KV, int G, int D, int cap,
-                   float scale) {
-    if (G > MAXG || D % LANES || D / LANES > MAXC) return -1;
-    #pragma omp parallel
-    {
-        float* s = NULL; int have = 0;
-        #pragma omp for schedule(dynamic, 2)
-        for (int64_t t = 0; t < (int64_t)N * KV; t++) {
-            int n = (int)(t / KV), h = (int)(t % KV);
-            int64_t row = rows[n]; int len = (int)lens[n];
-            if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; }
-            BODY(uint16_t, load_bf16, round_bf16, round_bf16, f2bf)
-        }
-        free(s);
-    }
-    return 0;
+/* NAME(q, k, v, rows, lens, out, N, KV, G, D, cap, scale): q, out [N, KV*G, D]; k, v
+   [rows, KV, cap, D]; rows, lens [N]. Returns 0, or -1 when the shapes are beyond the
+   kernel's limits (nothing written). */
+#define DEFINE_ATTENTION(NAME, T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                      \
+int NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t* lens, T* out,   \
+         int N, int KV, int G, int D, int cap, float scale) {                                    \
+    if (G > MAXG || D % LANES || D / LANES > MAXC) return -1;                                    \
+    _Pragma("omp parallel")                                                                      \
+    {                                                                                            \
+        float* s = NULL; int have = 0;                                                           \
+        _Pragma("omp for schedule(dynamic, 2)")                                                  \
+        for (int64_t t = 0; t < (int64_t)N * KV; t++) {                                          \
+            int n = (int)(t / KV), h = (int)(t % KV);                                            \
+            int64_t row = rows[n]; int len = (int)lens[n];                                       \
+            if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; } \
+            BODY(T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                                    \
+        }                                                                                        \
+        free(s);                                                                                 \
+    }                                                                                            \
+    return 0;                                                                                    \
 }
 
-int attention_f32(const float* q, const float* k, const float* v, const int64_t* rows,
-                  const int64_t* lens, float* out, int N, int KV, int G, int D, int cap,
-                  float scale) {
-    if (G > MAXG || D % LANES || D / LANES > MAXC) return -1;
-    #pragma omp parallel
-    {
-        float* s = NULL; int have = 0;
-        #pragma omp for schedule(dynamic, 2)
-        for (int64_t t = 0; t < (int64_t)N * KV; t++) {
-            int n = (int)(t / KV), h = (int)(t % KV);
-            int64_t row = rows[n]; int len = (int)lens[n];
-            if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; }
-            BODY(float, load_f32, same, same, same)
-        }
-        free(s);
-    }
-    return 0;
-}
+DEFINE_ATTENTION(attention_bf16, uint16_t, load_bf16, round_bf16, round_bf16, f2bf)
+DEFINE_ATTENTION(attention_f32, float, load_f32, same, same, same)
 """
 _SOURCE = "#include <stdlib.h>\n" + _SOURCE
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
