@@ -27,12 +27,12 @@ from worker.engine.model_runner import TransformerRunner
 
 def build_runner(settings: Settings) -> TransformerRunner:
     from worker.engine.compiled_step import attach
-    from worker.engine.native_attention import attach as attach_native
+    from worker.engine.factory import attach_kernels
     from worker.model_store import resolve_model_path
 
     loaded = load_model(settings, Path(resolve_model_path(settings)))
     runner = TransformerRunner(loaded.model)
-    attach_native(runner, settings.attention)  # before the compiled graph, which uses it
+    attach_kernels(runner, settings)  # before the compiled graph, which uses them
     took = attach(runner, settings.compile)
     if took is not None:
         print(f"compiled decode warm-up {took:.1f} s")

@@ -84,8 +84,10 @@ def test_fp32_greedy_tokens_equal_eager(fp32_runs: dict[str, tuple]) -> None:
 @pytest.fixture(scope="module")
 def native_fp32_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     """TOKENFLEET_ATTENTION=native with TOKENFLEET_COMPILE=decode: eager steps attend through
-    the C kernel, the compiled layer through it as ``tokenfleet::native_attention``."""
-    from worker.engine import native_attention
+    the C kernel, the compiled layer through it as ``tokenfleet::native_attention``; and
+    where the CPU has it, TOKENFLEET_LINEAR=native too (``tokenfleet::native_linear``,
+    unpadded), in the same graph."""
+    from worker.engine import native_attention, native_linear
 
     try:
         kernel = native_attention.load()
@@ -96,8 +98,11 @@ def native_fp32_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
     eager.native = kernel
     runner = TransformerRunner(model)
     runner.native = kernel  # before the graph is built: it reads runner.native
+    linear = native_linear.cpu_unsupported() is None
+    if linear:
+        assert native_linear.attach(eager, "native") and native_linear.attach(runner, "native")
     runner.compiled = CompiledDecode(runner, cache_dir=tmp_path_factory.mktemp("inductor"))
-    assert runner.compiled.spec.native
+    assert runner.compiled.spec.native and runner.compiled.spec.native_linear == linear
     runner.compiled.warm_up()
     runner.compiled.stance = "fail_on_recompile"
     return {"eager": _run(eager), "compiled": _run(runner)}

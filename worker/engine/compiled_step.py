@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from worker.engine.model_runner import FusedWeights, TransformerRunner
+    from worker.engine.native_linear import NativeLinear
     from worker.engine.packed import PackedLinear
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class LayerSpec:
     packed: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down: oneDNN packed or F.linear
     dtype: torch.dtype
     native: bool = False  # attention through tokenfleet::native_attention (runner.native)
+    # the projections through tokenfleet::native_linear (runner.native_linear): unpadded
+    native_linear: bool = False
 
 
 PROJECTIONS = ("qkv", "o_proj", "gate_up", "down_proj")
@@ -125,6 +128,8 @@ def _make_layer(spec: LayerSpec) -> Callable[..., torch.Tensor]:
 
     def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
                packed: bool) -> torch.Tensor:
+        if packed and spec.native_linear:  # rows round alike at any count: no padding
+            return torch.ops.tokenfleet.native_linear(x, w)
         n = x.shape[0]
         xp = _pad(x)
         out = (torch.ops.tokenfleet.packed_linear(xp, w, bias) if packed
@@ -168,7 +173,7 @@ def _make_layer(spec: LayerSpec) -> Callable[..., torch.Tensor]:
     return layer
 
 
-def _packed_linears(f: FusedWeights) -> tuple[PackedLinear | None, ...]:
+def _packed_linears(f: FusedWeights) -> tuple[PackedLinear | NativeLinear | None, ...]:
     return (f.qkv_packed, f.o_packed, f.gate_up_packed, f.down_packed)
 
 
@@ -226,7 +231,11 @@ class CompiledDecode:
             heads=runner.num_heads, kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
             scale=runner.scale, eps_in=_norm_eps(first.input_layernorm),
             eps_post=_norm_eps(first.post_attention_layernorm), packed=packed,
-            dtype=runner.dtype, native=runner.native is not None)
+            dtype=runner.dtype, native=runner.native is not None,
+            native_linear=runner.native_linear)
+        if self.spec.native_linear:  # native_linear.attach imported (registered) the op
+            log.info("compiled decode step: projections through the native fp32 kernel "
+                     "(TOKENFLEET_LINEAR=native)")
         if self.spec.native:
             import worker.engine.native_attention  # noqa: F401  (registers the custom op)
 

@@ -16,7 +16,8 @@ from worker.engine.engine import EngineConfig, LLMEngine
 from worker.engine.grammar import GrammarBackend
 from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
-from worker.engine.native_attention import attach as attach_native
+from worker.engine.native_attention import attach as attach_native_attention
+from worker.engine.native_linear import attach as attach_native_linear
 from worker.engine.speculative import SpeculativeConfig
 from worker.engine.types import EngineRequest
 from worker.model_store import generation_defaults
@@ -126,6 +127,13 @@ def warm_up(engine: LLMEngine) -> float:
     return time.perf_counter() - start
 
 
+def attach_kernels(runner: TransformerRunner, settings: Settings) -> None:
+    """``TOKENFLEET_LINEAR`` and ``TOKENFLEET_ATTENTION``'s native kernels (each falls back
+    to torch's with a warning); before a compiled step is built, which runs through them."""
+    attach_native_linear(runner, settings.linear)
+    attach_native_attention(runner, settings.attention)
+
+
 def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = None,
                  ) -> tuple[LLMEngine, ModelInfo]:
     """``on_stage("weights")`` once the checkpoint is loaded, ``on_stage("warmup")`` after
@@ -138,7 +146,7 @@ def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = No
     path = resolve_model_path(settings)
     loaded = load_model(settings, path)
     runner = TransformerRunner(loaded.model)
-    attach_native(runner, settings.attention)  # first: the compiled graph attends through it
+    attach_kernels(runner, settings)  # first: the compiled graph runs through them
     compile_warmup = CompileWarmup(runner, settings.compile)
     if settings.compile_warmup == "blocking":
         compile_warmup.start("blocking")  # compiles or loads the graphs before serving

@@ -26,6 +26,7 @@ from worker.engine.packed import PackedLinear, pack_linear
 if TYPE_CHECKING:
     from worker.engine.compiled_step import CompiledDecode
     from worker.engine.native_attention import NativeAttention
+    from worker.engine.native_linear import NativeLinear
 
 
 @dataclass(slots=True)
@@ -83,10 +84,11 @@ class FusedWeights:
     gate_up_weight: torch.Tensor
     # the same four projections packed for oneDNN (bf16 and fp32 on CPU, where the probe in
     # packed.py allows; None: F.linear)
-    qkv_packed: PackedLinear | None = None
-    gate_up_packed: PackedLinear | None = None
-    o_packed: PackedLinear | None = None
-    down_packed: PackedLinear | None = None
+    # (or all four through the native fp32 kernel: TOKENFLEET_LINEAR=native, native_linear.py)
+    qkv_packed: PackedLinear | NativeLinear | None = None
+    gate_up_packed: PackedLinear | NativeLinear | None = None
+    o_packed: PackedLinear | NativeLinear | None = None
+    down_packed: PackedLinear | NativeLinear | None = None
 
     @property
     def all_packed(self) -> bool:
@@ -142,7 +144,7 @@ _MIN_ROWS = 4
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            packed: PackedLinear | None = None) -> torch.Tensor:
+            packed: PackedLinear | NativeLinear | None = None) -> torch.Tensor:
     """``F.linear``, through the packed weight when there is one (bitwise the same in bf16,
     within ~1e-6 in fp32: see packed.py)."""
     if packed is not None:
@@ -228,9 +230,9 @@ class TransformerRunner:
         self.layers = list(inner.layers)
         self.final_norm = inner.norm
         self.lm_head = model.lm_head
-        self.lm_head_packed = (pack_linear(self.lm_head.weight, self.lm_head.bias)
-                               if pack_weights and type(self.lm_head) is torch.nn.Linear
-                               else None)
+        self.lm_head_packed: PackedLinear | NativeLinear | None = (
+            pack_linear(self.lm_head.weight, self.lm_head.bias)
+            if pack_weights and type(self.lm_head) is torch.nn.Linear else None)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
@@ -257,6 +259,9 @@ class TransformerRunner:
         # decode (and verification) attention through the C kernel that reads each row's own
         # keys (TOKENFLEET_ATTENTION=native, native_attention.py); None: the torch bmms
         self.native: NativeAttention | None = None
+        # every projection and the head through the native fp32 kernel (TOKENFLEET_LINEAR=
+        # native, native_linear.attach): rows round alike at any row count, so no padding
+        self.native_linear = False
 
     @staticmethod
     def _compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -24,17 +24,13 @@ logs why and keeps the torch attention.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from worker.engine import native_build
 
 if TYPE_CHECKING:
     from worker.engine.model_runner import TransformerRunner
@@ -43,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _SOURCE = r"""
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -141,7 +138,6 @@ int NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t*
 DEFINE_ATTENTION(attention_bf16, uint16_t, load_bf16, round_bf16, round_bf16, f2bf)
 DEFINE_ATTENTION(attention_f32, float, load_f32, same, same, same)
 """
-_SOURCE = "#include <stdlib.h>\n" + _SOURCE
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _LANES = 16
 _MAX_GROUP = 16
@@ -152,44 +148,12 @@ class NativeAttentionError(RuntimeError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "tokenfleet" / "native"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build(cache_dir: Path | None = None) -> Path:
-    """The kernel's shared library, compiled once per source, flags and CPU (``-march=native``
-    code must not move to another CPU kind) and cached; raises ``NativeAttentionError``."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise NativeAttentionError("no C compiler (cc or gcc) on PATH")
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *_FLAGS, _cpu_flags()]).encode())
-    out_dir = cache_dir or default_cache_dir()
-    lib = out_dir / f"attention-{key.hexdigest()[:16]}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        src, built = Path(tmp) / "attention.c", Path(tmp) / "attention.so"
-        src.write_text(_SOURCE)
-        try:
-            proc = subprocess.run([compiler, *_FLAGS, str(src), "-o", str(built), "-lm"],
-                                  capture_output=True, text=True, timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NativeAttentionError(f"cannot run {compiler}: {exc}") from exc
-        if proc.returncode != 0:
-            raise NativeAttentionError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
-        built.replace(lib)  # atomic: a concurrent worker finds a whole file or none
-    return lib
+    """The kernel's shared library (``native_build.build``); raises ``NativeAttentionError``."""
+    try:
+        return native_build.build("attention", _SOURCE, _FLAGS, cache_dir)
+    except native_build.NativeBuildError as exc:
+        raise NativeAttentionError(str(exc)) from exc
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:

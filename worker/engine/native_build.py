@@ -1,0 +1,62 @@
+"""Build a small C kernel once per machine and cache the shared library (ctypes loads it).
+
+Used by the native kernels (``native_attention.py``, ``native_linear.py``): each passes its
+source and flags; the library is compiled with the C compiler on PATH (``$CC``, ``cc`` or
+``gcc``) into ``~/.cache/tokenfleet/native/NAME-<hash>.so``, keyed by source, compiler, flags
+and the CPU's flags (``-march=native`` code must not move to another CPU kind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+class NativeBuildError(RuntimeError):
+    """The kernel cannot be built here; the message says why."""
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "tokenfleet" / "native"
+
+
+def cpu_flags() -> str:
+    """The ``flags`` line of /proc/cpuinfo (or the platform's processor name)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(name: str, source: str, flags: list[str], cache_dir: Path | None = None) -> Path:
+    """The shared library of ``source``, compiled once and cached; raises
+    ``NativeBuildError`` (no compiler, or it failed: the message has its last words)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeBuildError("no C compiler (cc or gcc) on PATH")
+    key = hashlib.sha256("\0".join([source, compiler, *flags, cpu_flags()]).encode())
+    out_dir = cache_dir or default_cache_dir()
+    lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        src, built = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        try:
+            proc = subprocess.run([compiler, *flags, str(src), "-o", str(built), "-lm"],
+                                  capture_output=True, text=True, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise NativeBuildError(f"cannot run {compiler}: {exc}") from exc
+        if proc.returncode != 0:
+            raise NativeBuildError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+        built.replace(lib)  # atomic: a concurrent worker finds a whole file or none
+    return lib
