@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     # keys; CPU, eager steps only). See docs/design/engine.md, "Native decode attention"
     attention: Literal["torch", "native"] = "torch"
     # fp32 projections and head: torch (oneDNN's packed matmul, else MKL; 1-3 rows padded to
-    # 4) or native (a C kernel whose rows round alike at any row count, reading the plain
-    # weights: x86 AVX2+FMA CPUs, fp32 only). See docs/design/engine.md, "Native fp32 linear"
-    linear: Literal["torch", "native"] = "torch"
+    # 4), native (a C kernel whose rows round alike at any row count: x86 AVX2+FMA CPUs, fp32
+    # only; warns and keeps torch elsewhere) or auto (native for an fp32 model where the CPU
+    # can run it, quietly torch elsewhere). docs/design/engine.md, "Native fp32 linear"
+    linear: Literal["torch", "native", "auto"] = "torch"
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

@@ -118,6 +118,15 @@ def test_bf16_keeps_torchs_kernels_with_a_warning(kernel: native_linear.Kernel,
     assert "float32 only" in caplog.text
     assert not runner.native_linear and runner.lm_head_packed is before
     assert native_linear.attach(runner, "torch") is False
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker.engine.native_linear"):
+        assert native_linear.attach(runner, "auto") is False  # bf16: not its dtype, quietly
+    assert caplog.text == "" and runner.lm_head_packed is before
+
+
+def test_auto_takes_the_kernel_for_fp32(kernel: native_linear.Kernel) -> None:
+    runner = TransformerRunner(tiny_llama(torch.float32))
+    assert native_linear.attach(runner, "auto") and runner.native_linear
 
 
 def test_a_missing_compiler_keeps_torchs_kernels(monkeypatch: pytest.MonkeyPatch,

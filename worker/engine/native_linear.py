@@ -213,16 +213,21 @@ def cpu_unsupported() -> str | None:
 def attach(runner: TransformerRunner, mode: str) -> bool:
     """``TOKENFLEET_LINEAR=native``: every projection and the head of ``runner`` through the
     kernel (all or none: one compiled graph serves every layer), replacing their oneDNN
-    packed copies; False, with a warning saying why, where any cannot be. Attach before the
-    compiled step is built (it reads the projections then)."""
-    if mode != "native":
+    packed copies; False, with a warning saying why, where any cannot be. ``auto``: the
+    same for an fp32 model on a CPU that can run it (quietly torch's kernels elsewhere).
+    Attach before the compiled step is built (it reads the projections then)."""
+    if mode == "auto" and (runner.dtype != torch.float32 or runner.device.type != "cpu"
+                           or cpu_unsupported() is not None):
         return False
+    if mode not in ("native", "auto"):
+        return False
+    level = logging.WARNING if mode == "native" else logging.INFO
     head = runner.lm_head
     pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = [(head.weight, head.bias)]
     for fused, layer in zip(runner.fused, runner.layers, strict=True):
         if fused is None:
-            log.warning("TOKENFLEET_LINEAR=native ignored: a layer is not a plain fused "
-                        "Llama layer")
+            log.log(level, "TOKENFLEET_LINEAR=%s: projections stay on torch's kernels: a "
+                    "layer is not a plain fused Llama layer", mode)
             return False
         pairs += [(fused.qkv_weight, fused.qkv_bias),
                   (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias),
@@ -238,8 +243,8 @@ def attach(runner: TransformerRunner, mode: str) -> bool:
         except NativeLinearError as exc:
             why = str(exc)
     if why is not None:
-        log.warning("TOKENFLEET_LINEAR=native ignored, projections stay on torch's "
-                    "kernels: %s", why)
+        log.log(level, "TOKENFLEET_LINEAR=%s: projections stay on torch's kernels: %s",
+                mode, why)
         return False
 
     def native(weight: torch.Tensor) -> NativeLinear:
