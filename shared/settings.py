@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     # 4), native (a C kernel whose rows round alike at any row count: x86 AVX2+FMA CPUs, fp32
     # only; warns and keeps torch elsewhere) or auto (native for an fp32 model where the CPU
     # can run it, quietly torch elsewhere). docs/design/engine.md, "Native fp32 linear"
-    linear: Literal["torch", "native", "auto"] = "torch"
+    linear: Literal["torch", "native", "auto"] = "auto"
 
     # --- Batching ----------------------------------------------------------------------
     coalesce_ms: float = 15.0  # how long an idle worker waits to fill a batch

@@ -15,9 +15,10 @@ by construction, no padding). The weight is packed once into panels of 16 output
 rows and broadcasts each input once per 16 outputs (the classic outer-product micro-kernel);
 OpenMP splits the panels between the cores.
 
-Measured on the AVX2 EPYC (docs/design/engine.md, "Native fp32 linear"): SmolLM2's 30 layers
-and its tied head stream the weights at ~29 GB/s at 1 row against oneDNN's ~20 GB/s, and
-reach ~145 GFLOP/s at 64 rows against oneDNN's ~107.
+Measured on the AVX2 EPYC (``python -m bench.linear_kernels``; docs/design/engine.md,
+"Native fp32 linear"): SmolLM2's 30 layers and its tied head stream the weights at 32 GB/s
+at 1 row, against oneDNN's 19 at the 4 rows the runner pads to, and reach 165 GFLOP/s at 64
+rows against oneDNN's 117.
 
 x86-64 with AVX2 and FMA only (``_mm256_fmadd_ps``); fp32, no bias, ``out`` a multiple of 16.
 Built like the native attention (``native_build.py``).
