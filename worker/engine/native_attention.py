@@ -144,16 +144,13 @@ _MAX_GROUP = 16
 _MAX_HEAD_DIM = 256
 
 
-class NativeAttentionError(RuntimeError):
+class NativeAttentionError(native_build.NativeBuildError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
 def build(cache_dir: Path | None = None) -> Path:
     """The kernel's shared library (``native_build.build``); raises ``NativeAttentionError``."""
-    try:
-        return native_build.build("attention", _SOURCE, _FLAGS, cache_dir)
-    except native_build.NativeBuildError as exc:
-        raise NativeAttentionError(str(exc)) from exc
+    return native_build.build("attention", _SOURCE, _FLAGS, cache_dir, NativeAttentionError)
 
 
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
@@ -167,10 +164,7 @@ class NativeAttention:
     """``attend(q, keys, values, rows, lens, scale)`` through the compiled kernel."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeAttentionError(f"cannot load {path}: {exc}") from exc
+        lib = native_build.open_library(path, NativeAttentionError)
         args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_float]
         self._fns = {torch.bfloat16: lib.attention_bf16, torch.float32: lib.attention_f32}
         for fn in self._fns.values():

@@ -8,6 +8,7 @@ and the CPU's flags (``-march=native`` code must not move to another CPU kind).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -36,12 +37,13 @@ def cpu_flags() -> str:
     return platform.processor()
 
 
-def build(name: str, source: str, flags: list[str], cache_dir: Path | None = None) -> Path:
-    """The shared library of ``source``, compiled once and cached; raises
-    ``NativeBuildError`` (no compiler, or it failed: the message has its last words)."""
+def build(name: str, source: str, flags: list[str], cache_dir: Path | None = None,
+          error: type[NativeBuildError] = NativeBuildError) -> Path:
+    """The shared library of ``source``, compiled once and cached; raises ``error`` (no
+    compiler, or it failed: the message has its last words)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise NativeBuildError("no C compiler (cc or gcc) on PATH")
+        raise error("no C compiler (cc or gcc) on PATH")
     key = hashlib.sha256("\0".join([source, compiler, *flags, cpu_flags()]).encode())
     out_dir = cache_dir or default_cache_dir()
     lib = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
@@ -55,8 +57,16 @@ def build(name: str, source: str, flags: list[str], cache_dir: Path | None = Non
             proc = subprocess.run([compiler, *flags, str(src), "-o", str(built), "-lm"],
                                   capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise NativeBuildError(f"cannot run {compiler}: {exc}") from exc
+            raise error(f"cannot run {compiler}: {exc}") from exc
         if proc.returncode != 0:
-            raise NativeBuildError(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
+            raise error(f"{compiler} failed: {proc.stderr.strip()[-500:]}")
         built.replace(lib)  # atomic: a concurrent worker finds a whole file or none
     return lib
+
+
+def open_library(path: Path, error: type[NativeBuildError] = NativeBuildError) -> ctypes.CDLL:
+    """``ctypes.CDLL(path)`` (its calls release the GIL); raises ``error``."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise error(f"cannot load {path}: {exc}") from exc

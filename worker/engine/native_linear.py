@@ -103,25 +103,19 @@ _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-
 _PANEL = 16  # outputs per panel of the packed weight
 
 
-class NativeLinearError(RuntimeError):
+class NativeLinearError(native_build.NativeBuildError):
     """The kernel cannot be built or loaded here; the message says why."""
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    try:
-        return native_build.build("linear", _SOURCE, _FLAGS, cache_dir)
-    except native_build.NativeBuildError as exc:
-        raise NativeLinearError(str(exc)) from exc
+    return native_build.build("linear", _SOURCE, _FLAGS, cache_dir, NativeLinearError)
 
 
 class Kernel:
     """The loaded library: ``linear(x, weight)``."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise NativeLinearError(f"cannot load {path}: {exc}") from exc
+        lib = native_build.open_library(path, NativeLinearError)
         self._fn = lib.linear_f32
         self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
         self._fn.restype = ctypes.c_int
