@@ -141,3 +141,18 @@ def test_a_missing_compiler_keeps_torchs_kernels(monkeypatch: pytest.MonkeyPatch
     with caplog.at_level(logging.WARNING, logger="worker.engine.native_linear"):
         assert native_linear.attach(runner, "native") is False
     assert "no C compiler" in caplog.text and not runner.native_linear
+
+
+def test_a_quantized_model_keeps_its_kernels(kernel: native_linear.Kernel,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """int8-torch swaps the Linears for Int8Linear (no plain weight): ``auto`` leaves it be,
+    ``native`` says why."""
+    from worker.engine.weight_int8 import quantize_model
+
+    runner = TransformerRunner(quantize_model(tiny_llama(torch.float32), torch.float32))
+    before = runner.lm_head_packed
+    assert native_linear.attach(runner, "auto") is False
+    with caplog.at_level(logging.WARNING, logger="worker.engine.native_linear"):
+        assert native_linear.attach(runner, "native") is False
+    assert "Int8Linear" in caplog.text
+    assert not runner.native_linear and runner.lm_head_packed is before

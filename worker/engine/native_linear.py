@@ -205,6 +205,25 @@ def cpu_unsupported() -> str | None:
     return None
 
 
+def _why_not(runner: TransformerRunner) -> str | None:
+    """Why the kernel cannot run every projection and the head of ``runner`` (None: it can).
+    Quantized modules (``Int8Linear``, bitsandbytes) have no plain weight: not for it."""
+    modules = [("the head", runner.lm_head)]
+    for i, layer in enumerate(runner.layers):
+        modules += [(f"layer {i}'s o_proj", layer.self_attn.o_proj),
+                    (f"layer {i}'s down_proj", layer.mlp.down_proj)]
+    for name, module in modules:
+        if type(module) is not torch.nn.Linear:
+            return f"{name} is a {type(module).__name__}, not a plain Linear"
+    if any(fused is None for fused in runner.fused):
+        return "a layer is not a plain fused Llama layer"
+    pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = [
+        (module.weight, module.bias) for _, module in modules]
+    pairs += [(f.qkv_weight, f.qkv_bias) for f in runner.fused if f is not None]
+    pairs += [(f.gate_up_weight, None) for f in runner.fused if f is not None]
+    return next((w for w in (unsupported(t, b) for t, b in pairs) if w is not None), None)
+
+
 def attach(runner: TransformerRunner, mode: str) -> bool:
     """``TOKENFLEET_LINEAR=native``: every projection and the head of ``runner`` through the
     kernel (all or none: one compiled graph serves every layer), replacing their oneDNN
@@ -217,21 +236,7 @@ def attach(runner: TransformerRunner, mode: str) -> bool:
     if mode not in ("native", "auto"):
         return False
     level = logging.WARNING if mode == "native" else logging.INFO
-    head = runner.lm_head
-    pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = [(head.weight, head.bias)]
-    for fused, layer in zip(runner.fused, runner.layers, strict=True):
-        if fused is None:
-            log.log(level, "TOKENFLEET_LINEAR=%s: projections stay on torch's kernels: a "
-                    "layer is not a plain fused Llama layer", mode)
-            return False
-        pairs += [(fused.qkv_weight, fused.qkv_bias),
-                  (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias),
-                  (fused.gate_up_weight, None),
-                  (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)]
-    if type(head) is not torch.nn.Linear:
-        why: str | None = f"the head is a {type(head).__name__}"
-    else:
-        why = next((w for w in (unsupported(t, b) for t, b in pairs) if w is not None), None)
+    why = _why_not(runner)
     if why is None:
         try:
             kernel = load()
@@ -245,7 +250,7 @@ def attach(runner: TransformerRunner, mode: str) -> bool:
     def native(weight: torch.Tensor) -> NativeLinear:
         return NativeLinear(kernel, pack(weight))
 
-    runner.lm_head_packed = native(head.weight)
+    runner.lm_head_packed = native(runner.lm_head.weight)
     for fused, layer in zip(runner.fused, runner.layers, strict=True):
         assert fused is not None
         fused.qkv_packed = native(fused.qkv_weight)
