@@ -176,16 +176,13 @@ class NativeLinear:
     # model_runner._apply: a row rounds the same at any row count, so 1-3 rows run unpadded
     unpadded_rows: bool = True
 
-    @property
-    def out_features(self) -> int:
-        return int(self.packed.shape[0] * self.packed.shape[2])
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel.linear(x, self.packed)
 
 
 def unsupported(weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """Why the kernel cannot run this projection, or None when it can."""
+    """Why the kernel cannot run this projection, or None when it can (the CPU is checked
+    once, by ``cpu_unsupported``)."""
     if weight.device.type != "cpu":
         return f"it runs on CPU only (the model is on {weight.device.type})"
     if weight.dtype != torch.float32:
@@ -194,7 +191,7 @@ def unsupported(weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
         return "a projection with a bias"
     if weight.dim() != 2 or weight.shape[0] % _PANEL:
         return f"weight shape {tuple(weight.shape)} (out_features a multiple of {_PANEL})"
-    return cpu_unsupported()
+    return None
 
 
 def cpu_unsupported() -> str | None:
@@ -208,6 +205,9 @@ def cpu_unsupported() -> str | None:
 def _why_not(runner: TransformerRunner) -> str | None:
     """Why the kernel cannot run every projection and the head of ``runner`` (None: it can).
     Quantized modules (``Int8Linear``, bitsandbytes) have no plain weight: not for it."""
+    why = cpu_unsupported()
+    if why is not None:
+        return why
     modules = [("the head", runner.lm_head)]
     for i, layer in enumerate(runner.layers):
         modules += [(f"layer {i}'s o_proj", layer.self_attn.o_proj),
@@ -215,12 +215,13 @@ def _why_not(runner: TransformerRunner) -> str | None:
     for name, module in modules:
         if type(module) is not torch.nn.Linear:
             return f"{name} is a {type(module).__name__}, not a plain Linear"
-    if any(fused is None for fused in runner.fused):
+    fused = [f for f in runner.fused if f is not None]
+    if len(fused) != len(runner.fused):
         return "a layer is not a plain fused Llama layer"
     pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = [
         (module.weight, module.bias) for _, module in modules]
-    pairs += [(f.qkv_weight, f.qkv_bias) for f in runner.fused if f is not None]
-    pairs += [(f.gate_up_weight, None) for f in runner.fused if f is not None]
+    pairs += [(f.qkv_weight, f.qkv_bias) for f in fused]
+    pairs += [(f.gate_up_weight, None) for f in fused]
     return next((w for w in (unsupported(t, b) for t, b in pairs) if w is not None), None)
 
 
