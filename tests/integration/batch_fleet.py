@@ -43,6 +43,9 @@ class BatchFleet:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.orchestrators: list[subprocess.Popen[bytes]] = []
+        # started here, outside the fleet's supervisor (Fleet.workers is a fresh list of the
+        # supervisor's children: appending to it kept nothing, and the suite left them running)
+        self.slow_workers: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
@@ -53,7 +56,7 @@ class BatchFleet:
         proc = subprocess.Popen([sys.executable, "-c", SLOW_WORKER.format(
             step_delay_s=step_delay_s)], cwd=REPO, env=dict(self.fleet.env, **env), stdout=log,
             stderr=subprocess.STDOUT)
-        self.fleet.workers.append(proc)
+        self.slow_workers.append(proc)
         return proc
 
     def start_orchestrator(self) -> subprocess.Popen[bytes]:
@@ -73,7 +76,7 @@ class BatchFleet:
         return redis.Redis.from_url(self.fleet.redis.url)
 
     def stop(self) -> None:
-        for proc in self.orchestrators:
+        for proc in [*self.orchestrators, *self.slow_workers]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
