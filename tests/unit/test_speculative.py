@@ -232,3 +232,45 @@ def test_metrics_count_the_increase_of_the_engines_cumulative_speculation_counts
         metrics.on_engine_stats(EngineStats(spec_proposed=proposed, spec_accepted=accepted))
     assert value("tokenfleet:spec_decode_num_draft_tokens_total", labels) == 20
     assert value("tokenfleet:spec_decode_num_accepted_tokens_total", labels) == 9
+
+
+def test_a_rows_k_grows_while_accepted_whole_and_shrinks_on_a_rejection() -> None:
+    """transformers' heuristic schedule: +2 on a proposal accepted whole, up to the ceiling;
+    -1 on a rejection, down to 1; a row that leaves forgets its k; a ceiling at or below
+    ``num_tokens`` keeps k fixed."""
+    from worker.engine.speculative import Speculator
+
+    spec = Speculator(SpeculativeConfig("ngram", num_tokens=4, max_num_tokens=9, max_rows=64))
+    (row,) = _seqs(1)
+    assert spec.eligible(row, 512) == 4
+    seen = []
+    for _ in range(4):
+        k = spec.eligible(row, 512)
+        spec.record(row.id, k, k)
+        seen.append(spec.eligible(row, 512))
+    assert seen == [6, 8, 9, 9]
+    spec.record(row.id, 9, 3)
+    assert spec.eligible(row, 512) == 8
+    for _ in range(10):
+        spec.record(row.id, 2, 0)
+    assert spec.eligible(row, 512) == 1
+    spec.forget(row.id)
+    assert spec.eligible(row, 512) == 4
+    fixed = Speculator(SpeculativeConfig("ngram", num_tokens=4, max_rows=64))
+    fixed.record(row.id, 4, 4)
+    assert fixed.eligible(row, 512) == 4
+    with pytest.raises(ValueError, match="max_num_tokens"):
+        SpeculativeConfig("ngram", max_num_tokens=-1)
+
+
+def test_greedy_tokens_are_identical_with_an_adaptive_k(model32: torch.nn.Module) -> None:
+    adaptive = SpeculativeConfig("ngram", num_tokens=2, max_num_tokens=12, ngram_max=3,
+                                 ngram_min=1, max_rows=64)
+    for offset in (0, 2):
+        ids = prompt(30, offset)
+        plain, _ = _run(model32, ids, greedy(48))
+        spec, engine = _run(model32, ids, greedy(48), adaptive)
+        assert tokens(spec) == tokens(plain)
+        assert spec[-1].finish_reason == "length"
+        assert engine.stats().spec_accepted > 0
+        assert max(len(o.new_token_ids) for o in spec) <= 13

@@ -74,6 +74,7 @@ def engine_config(settings: Settings, eos: list[int]) -> EngineConfig:
         reserve_rows=settings.interactive_reserve_rows,
         speculative=SpeculativeConfig(
             method=settings.speculative, num_tokens=settings.speculative_tokens,
+            max_num_tokens=settings.speculative_tokens_max,
             ngram_max=settings.speculative_ngram, ngram_min=1,
             max_rows=settings.speculative_max_rows, draft_layers=settings.draft_layers),
     )

@@ -27,6 +27,12 @@ acceptance measured to pay at B (``STEP_ASIDE``), and never above the last B mea
 pay; above ``PROBE_ROWS`` rows only on evidence (``EVIDENCE_TOKENS`` of its proposals
 verified, gathered while the batch was small). ``max_rows`` replaces this by a plain row limit.
 
+How many tokens a row proposes adapts to it (transformers' "heuristic" schedule for
+assisted generation): a row starts at ``num_tokens``; a proposal accepted whole raises its
+``k`` by 2 (up to ``max_num_tokens``), one rejected anywhere lowers it by 1 (down to 1). A
+row copying its prompt soon proposes long runs, one past the end of what it copies soon
+proposes one token, whose verification costs next to nothing.
+
 ``draft`` (worker/engine/draft.py) proposes with a draft model or the target's first
 layers instead of the n-gram lookup; verification and acceptance are the same.
 Rows with penalties or a grammar (their logits depend on the tokens before each position)
@@ -78,7 +84,10 @@ def min_acceptance(method: str, rows: int) -> float | None:
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
     method: SpeculativeMethod = "off"
-    num_tokens: int = 4  # k: the most tokens proposed per row and step
+    num_tokens: int = 4  # k: the tokens a row proposes per step at first
+    # the most a row's k grows to while its proposals are accepted whole (0: num_tokens,
+    # i.e. k stays fixed)
+    max_num_tokens: int = 0
     ngram_max: int = 3  # the longest suffix matched
     ngram_min: int = 1  # the shortest suffix matched
     # speculate only while at most this many rows decode, whatever the acceptance (None: the
@@ -93,6 +102,13 @@ class SpeculativeConfig:
         if self.num_tokens < 1 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("speculative decoding needs num_tokens >= 1 and "
                              "1 <= ngram_min <= ngram_max")
+        if self.max_num_tokens < 0:
+            raise ValueError("speculative max_num_tokens must be >= 0 (0: num_tokens)")
+
+    @property
+    def ceiling(self) -> int:
+        """The most tokens a row may propose in a step."""
+        return max(self.num_tokens, self.max_num_tokens)
 
     @property
     def enabled(self) -> bool:
@@ -162,6 +178,7 @@ class Speculator:
         self.num_accepted = 0  # of those, accepted
         self.num_steps = 0  # steps that verified at least one proposal
         self._rows: dict[str, tuple[int, int]] = {}  # per row: proposed, accepted
+        self._k: dict[str, int] = {}  # per row: its k now, where it differs from num_tokens
 
     def eligible(self, seq: Sequence, max_context: int) -> int:
         """How many tokens ``seq`` may propose now (0: it decodes plainly)."""
@@ -171,7 +188,11 @@ class Speculator:
             return 0
         # the pick after the last proposal is emitted too: keep within max_tokens, context
         room = min(p.max_tokens - seq.num_output_tokens, max_context - seq.num_tokens) - 1
-        return max(0, min(self.config.num_tokens, room))
+        return max(0, min(self.tokens_for(seq.id), room))
+
+    def tokens_for(self, seq_id: str) -> int:
+        """The row's k now: ``num_tokens`` at first, adapted to its acceptance since."""
+        return self._k.get(seq_id, self.config.num_tokens)
 
     def propose(self, decodes: list[Sequence], max_context: int) -> dict[str, list[int]]:
         """Proposals for this step's decoding rows (none when too many rows decode)."""
@@ -198,6 +219,7 @@ class Speculator:
 
     def forget(self, seq_id: str) -> None:
         self._rows.pop(seq_id, None)
+        self._k.pop(seq_id, None)
         self.proposer.forget(seq_id)
 
     def record(self, seq_id: str, proposed: int, accepted: int) -> None:
@@ -205,6 +227,10 @@ class Speculator:
         self.num_accepted += accepted
         before = self._rows.get(seq_id, (0, 0))
         self._rows[seq_id] = (before[0] + proposed, before[1] + accepted)
+        if proposed and self.config.ceiling > self.config.num_tokens:
+            k = self.tokens_for(seq_id)
+            self._k[seq_id] = (min(k + 2, self.config.ceiling) if accepted == proposed
+                               else max(1, k - 1))
 
 
 def accepted_run(draft: list[int], targets: list[int]) -> list[int]:
