@@ -77,8 +77,8 @@ class Settings(BaseSettings):
     # draft (a draft model, TOKENFLEET_DRAFT_MODEL, or the model's first draft_layers layers)
     speculative: Literal["off", "ngram", "draft"] = "off"
     speculative_tokens: int = Field(default=4, ge=1, le=16)  # k: tokens a row proposes at first
-    # the most a row's k grows to while its proposals are accepted whole (+2 a step; -1 on a
-    # rejection, down to 1); speculative_tokens or less keeps k fixed
+    # the most a row's k grows to while its proposals are accepted whole (doubling; a
+    # rejection sets it to the accepted run + 1); speculative_tokens or less keeps k fixed
     speculative_tokens_max: int = Field(default=16, ge=1, le=32)
     speculative_ngram: int = Field(default=3, ge=1, le=8)  # longest suffix matched (down to 1)
     # speculate only while at most this many rows decode (None: the method's measured crossover)

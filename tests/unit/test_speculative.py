@@ -235,9 +235,9 @@ def test_metrics_count_the_increase_of_the_engines_cumulative_speculation_counts
 
 
 def test_a_rows_k_grows_while_accepted_whole_and_shrinks_on_a_rejection() -> None:
-    """transformers' heuristic schedule: +2 on a proposal accepted whole, up to the ceiling;
-    -1 on a rejection, down to 1; a row that leaves forgets its k; a ceiling at or below
-    ``num_tokens`` keeps k fixed."""
+    """Doubling on a proposal accepted whole, up to the ceiling; a rejection sets k to the
+    accepted run + 1 (below the k it had, at least 1); a row that leaves forgets its k; a
+    ceiling at or below ``num_tokens`` keeps k fixed."""
     from worker.engine.speculative import Speculator
 
     spec = Speculator(SpeculativeConfig("ngram", num_tokens=4, max_num_tokens=9, max_rows=64))
@@ -248,9 +248,11 @@ def test_a_rows_k_grows_while_accepted_whole_and_shrinks_on_a_rejection() -> Non
         k = spec.eligible(row, 512)
         spec.record(row.id, k, k)
         seen.append(spec.eligible(row, 512))
-    assert seen == [6, 8, 9, 9]
+    assert seen == [8, 9, 9, 9]
     spec.record(row.id, 9, 3)
-    assert spec.eligible(row, 512) == 8
+    assert spec.eligible(row, 512) == 4
+    spec.record(row.id, 4, 3)  # rejected at the last position: one less than it had
+    assert spec.eligible(row, 512) == 3
     for _ in range(10):
         spec.record(row.id, 2, 0)
     assert spec.eligible(row, 512) == 1

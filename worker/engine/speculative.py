@@ -27,11 +27,12 @@ acceptance measured to pay at B (``STEP_ASIDE``), and never above the last B mea
 pay; above ``PROBE_ROWS`` rows only on evidence (``EVIDENCE_TOKENS`` of its proposals
 verified, gathered while the batch was small). ``max_rows`` replaces this by a plain row limit.
 
-How many tokens a row proposes adapts to it (transformers' "heuristic" schedule for
-assisted generation): a row starts at ``num_tokens``; a proposal accepted whole raises its
-``k`` by 2 (up to ``max_num_tokens``), one rejected anywhere lowers it by 1 (down to 1). A
-row copying its prompt soon proposes long runs, one past the end of what it copies soon
-proposes one token, whose verification costs next to nothing.
+How many tokens a row proposes adapts to it (in the spirit of transformers' "heuristic"
+schedule for assisted generation, faster both ways): a row starts at ``num_tokens``; a
+proposal accepted whole doubles its ``k`` (up to ``max_num_tokens``), one rejected at
+position j sets it to j + 1 (its accepted run and one more; at least 1, and below the
+``k`` it had). A row copying its prompt soon proposes long runs, and one past the end of what
+it copies soon proposes one token, whose verification costs next to nothing.
 
 ``draft`` (worker/engine/draft.py) proposes with a draft model or the target's first
 layers instead of the n-gram lookup; verification and acceptance are the same.
@@ -229,8 +230,8 @@ class Speculator:
         self._rows[seq_id] = (before[0] + proposed, before[1] + accepted)
         if proposed and self.config.ceiling > self.config.num_tokens:
             k = self.tokens_for(seq_id)
-            self._k[seq_id] = (min(k + 2, self.config.ceiling) if accepted == proposed
-                               else max(1, k - 1))
+            self._k[seq_id] = (min(2 * k, self.config.ceiling) if accepted == proposed
+                               else max(1, min(k - 1, accepted + 1)))
 
 
 def accepted_run(draft: list[int], targets: list[int]) -> list[int]:
