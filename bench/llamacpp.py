@@ -66,6 +66,10 @@ class LlamaCppExited(LlamaCppUnavailable):
 
 
 SIGILL_EXIT = -4  # Popen's returncode for a process killed by SIGILL
+# What the repacked Q4_1 weights' AMX kernel dies of at start on a KVM guest with AMX: SIGILL
+# on its first tile instruction, or on another start SIGSEGV at the same place (the warm-up
+# right after "llama threadpool init"); the plain kernels run
+REPACK_CRASHES = {SIGILL_EXIT: "SIGILL (an illegal instruction)", -11: "SIGSEGV"}
 
 
 def system_name(precision: str) -> str:
@@ -355,13 +359,12 @@ def run_llamacpp(bench: Bench) -> None:
             try:
                 serve(repack=True)
             except LlamaCppExited as exc:
-                if exc.returncode != SIGILL_EXIT:
+                crash = REPACK_CRASHES.get(exc.returncode)
+                if crash is None:
                     raise
-                # seen on a KVM guest with AMX: the repacked Q4_1 weights' AMX kernel dies on
-                # its first tile instruction; the plain kernels run
-                log.warning("llama-server died of SIGILL (%s); again with --no-repack", exc)
+                log.warning("llama-server died of %s (%s); again with --no-repack", crash, exc)
                 bench.describe(system, describe + "; `--no-repack`: with its default repacked "
-                               "weights it died of SIGILL (an illegal instruction) at start")
+                               f"weights it died of {crash} at start")
                 serve(repack=False)
         except (LlamaCppUnavailable, OSError) as exc:
             for point in points:

@@ -63,6 +63,19 @@ def test_a_server_killed_by_sigill_before_ready_reports_its_exit_code(tmp_path: 
         pass
     assert info.value.returncode == llamacpp.SIGILL_EXIT
     assert "exited with -4" in str(info.value) and "loading" in str(info.value)
+    assert info.value.returncode in llamacpp.REPACK_CRASHES
+
+
+def test_a_server_killed_by_sigsegv_at_start_is_retried_without_repacking_too(
+        tmp_path: Path) -> None:
+    """The same AMX kernel dies of SIGSEGV on some starts (seen on the same KVM guest)."""
+    script = tmp_path / "llama-server"
+    script.write_text("#!/bin/sh\necho loading\nkill -SEGV $$\n")
+    script.chmod(0o755)
+    server = llamacpp.running_server([str(script)], 1, tmp_path / "server.log")
+    with pytest.raises(llamacpp.LlamaCppExited) as info, server:
+        pass
+    assert llamacpp.REPACK_CRASHES[info.value.returncode] == "SIGSEGV"
 
 
 def test_convert_command_uses_the_sdists_converter_and_refuses_the_shipped_q4_1() -> None:
