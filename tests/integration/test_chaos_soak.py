@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def test_chaos_soak_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    config = SoakConfig(duration_s=60.0, chaos_interval_s=4.0, num_clients=6)
+    config = SoakConfig(duration_s=45.0, chaos_interval_s=3.5, num_clients=6)
     report = run_soak(config, tmp_path / "soak")
     print(report)
     # every kind of fault really happened (a busy CPU makes each take longer: once at least)

