@@ -19,11 +19,9 @@ from bench.metrics import RequestRecord, RunResult
 from bench.workload import BenchRequest
 from shared.protocol import SamplingParams
 from shared.settings import Settings
-from worker.engine.compiled_step import attach
 from worker.engine.engine import LLMEngine
-from worker.engine.factory import attach_kernels, engine_config, eos_token_ids, warm_up
-from worker.engine.loader import LoadedModel, load_model
-from worker.engine.model_runner import TransformerRunner
+from worker.engine.factory import engine_config, eos_token_ids, load_runner, warm_up
+from worker.engine.loader import LoadedModel
 from worker.engine.scheduler import SchedulingPolicy
 from worker.engine.speculative import SpeculativeMethod
 from worker.engine.types import EngineRequest
@@ -80,10 +78,7 @@ class Bundle:
 
 
 def load_bundle(settings: Settings, path: Path) -> Bundle:
-    loaded = load_model(settings, path)
-    runner = TransformerRunner(loaded.model)
-    attach_kernels(runner, settings)  # TOKENFLEET_LINEAR/ATTENTION, before the graph
-    attach(runner, settings.compile)  # TOKENFLEET_COMPILE, as the worker's build_engine
+    loaded, runner, _ = load_runner(settings, path)  # kernels and compiled graphs attached
     engine = LLMEngine(runner, loaded.tokenizer.backend_tokenizer,
                        engine_config(settings, eos_token_ids(loaded)))
     warm_up(engine)

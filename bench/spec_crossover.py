@@ -93,14 +93,11 @@ def measure(batches: list[int], methods: list[str], workloads: list[str], max_to
             ) -> list[Cell]:
     """``on_batch(cells so far)`` after each batch size (a run cut short keeps its data)."""
     from shared.settings import Settings
-    from worker.engine.factory import eos_token_ids, load_draft, warm_up
-    from worker.engine.loader import load_model
-    from worker.engine.model_runner import TransformerRunner
+    from worker.engine.factory import eos_token_ids, load_draft, load_runner, warm_up
     from worker.model_store import resolve_model_path
 
-    settings = Settings()
-    loaded = load_model(settings, resolve_model_path(settings))
-    runner = TransformerRunner(loaded.model)
+    settings = Settings()  # the worker's kernels (TOKENFLEET_LINEAR/ATTENTION/COMPILE) too
+    loaded, runner, _ = load_runner(settings, resolve_model_path(settings))
     eos = eos_token_ids(loaded)
     draft = load_draft(settings.model_copy(update={"speculative": "draft"}), loaded)
     decoder = loaded.tokenizer.backend_tokenizer

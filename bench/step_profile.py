@@ -21,19 +21,14 @@ from pathlib import Path
 import torch
 
 from shared.settings import Settings
-from worker.engine.loader import load_model
 from worker.engine.model_runner import TransformerRunner
 
 
 def build_runner(settings: Settings) -> TransformerRunner:
-    from worker.engine.compiled_step import attach
-    from worker.engine.factory import attach_kernels
+    from worker.engine.factory import load_runner
     from worker.model_store import resolve_model_path
 
-    loaded = load_model(settings, Path(resolve_model_path(settings)))
-    runner = TransformerRunner(loaded.model)
-    attach_kernels(runner, settings)  # before the compiled graph, which uses them
-    took = attach(runner, settings.compile)
+    _, runner, took = load_runner(settings, Path(resolve_model_path(settings)))
     if took is not None:
         print(f"compiled decode warm-up {took:.1f} s")
     return runner

@@ -25,7 +25,7 @@ def test_buffer_variant_is_the_runners_decode_attention(dtype: torch.dtype) -> N
     pos = b.lengths - 1
     rows = torch.arange(5)
     k, v = b.keys[0][rows, :, pos].clone(), b.values[0][rows, :, pos].clone()  # rewrites
-    ours = runner._decode_attention(0, b.q, k, v, pos, runner._decode_mask(pos))
+    ours = runner._decode_attention(0, b.q, k, v, runner._decode_index(pos))
     assert torch.equal(variants(b)["buffer (kept)"](b, 0), ours)
 
 

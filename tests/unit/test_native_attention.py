@@ -61,8 +61,7 @@ def test_kernel_gives_the_torch_attention_reading_only_each_rows_keys(
     k = torch.randn(b, kv, dim, generator=gen).to(dtype)
     v = torch.randn(b, kv, dim, generator=gen).to(dtype)
     pos = torch.tensor(lengths)
-    mask = runner._decode_mask(pos)
-    expected = runner._decode_attention(0, q, k, v, pos, mask)
+    expected = runner._decode_attention(0, q, k, v, runner._decode_index(pos))
     # past each row's new token the buffer holds NaN: the torch path would be poisoned,
     # a kernel that reads only keys [0, pos] is not
     keys, values = runner.cache.keys[0], runner.cache.values[0]
@@ -70,7 +69,7 @@ def test_kernel_gives_the_torch_attention_reading_only_each_rows_keys(
         keys[row, :, n + 1:] = float("nan")
         values[row, :, n + 1:] = float("nan")
     runner.native = kernel
-    got = runner._decode_attention(0, q, k, v, pos, mask)
+    got = runner._decode_attention(0, q, k, v, runner._decode_index(pos))
     assert got.dtype == dtype and got.shape == expected.shape
     assert not got.isnan().any()
     tol = 1e-5 if dtype == torch.float32 else 2e-2

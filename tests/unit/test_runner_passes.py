@@ -72,3 +72,43 @@ def test_fp32_with_every_matmul_packed_runs_a_mixed_step_in_one_pass() -> None:
     calls.clear()
     packed.decode_and_prefill(tokens, [len(p) for p in RUNNING], _joining_chunks())
     assert calls == [len(RUNNING) + len(JOINING[0]) + 5]  # one pass over all the tokens
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_decode_step_writes_each_rows_key_and_value_at_its_position_only(
+        native: bool) -> None:
+    """``_decode_index``'s flat slots put row r's new key and value of every KV head at
+    ``[r, :, pos[r]]`` of each layer's buffer (what ``keys[rows, :, pos] = k`` did), and
+    touch nothing else; with the native kernel too (its lengths checked once a step)."""
+    from worker.engine import native_attention
+
+    runner = TransformerRunner(tiny_llama(torch.float32))
+    if native:
+        try:
+            runner.native = native_attention.load()
+        except native_attention.NativeAttentionError as exc:
+            pytest.skip(str(exc))
+    for i in range(3):
+        runner.cache.allocate(f"s{i}")
+    runner.cache.ensure_capacity(3, 16)
+    before = [(k.clone(), v.clone()) for k, v in zip(runner.cache.keys, runner.cache.values)]
+    pos = torch.tensor([4, 0, 9])
+    gen = torch.Generator().manual_seed(1)
+    kv, dim = runner.num_kv_heads, runner.head_dim
+    k = torch.randn(3, kv, dim, generator=gen)
+    v = torch.randn(3, kv, dim, generator=gen)
+    q = torch.randn(3, runner.num_heads, dim, generator=gen)
+    runner._decode_attention(1, q, k, v, runner._decode_index(pos))
+    keys, values = runner.cache.keys[1], runner.cache.values[1]
+    for r, p in enumerate(pos.tolist()):
+        assert torch.equal(keys[r, :, p], k[r]) and torch.equal(values[r, :, p], v[r])
+    written = torch.zeros_like(keys, dtype=torch.bool)
+    written[torch.arange(3), :, pos] = True
+    assert torch.equal(keys[~written], before[1][0][~written])
+    assert torch.equal(values[~written], before[1][1][~written])
+    for layer in (0,):  # the other layer untouched
+        assert torch.equal(runner.cache.keys[layer], before[layer][0])
+    if native:
+        with pytest.raises(ValueError, match="key lengths"):
+            cap = runner.cache.len_cap  # a row seeing cap + 1 keys: past the buffer
+            runner._decode_index(torch.tensor([4, cap, 0]))

@@ -135,6 +135,20 @@ def attach_kernels(runner: TransformerRunner, settings: Settings) -> None:
     attach_native_attention(runner, settings.attention)
 
 
+def load_runner(settings: Settings, path: Path,
+                ) -> tuple[LoadedModel, TransformerRunner, float | None]:
+    """The model at ``path`` in a runner with the native kernels attached and, where
+    ``TOKENFLEET_COMPILE`` asks, its compiled graphs built now (blocking): what the bench's
+    in-process systems and profilers run. Returns the compile warm-up's seconds (None:
+    nothing compiled). The worker's ``build_engine`` builds the graphs around its warm-up."""
+    from worker.engine.compiled_step import attach
+
+    loaded = load_model(settings, path)
+    runner = TransformerRunner(loaded.model)
+    attach_kernels(runner, settings)  # first: the compiled graph runs through them
+    return loaded, runner, attach(runner, settings.compile)
+
+
 def build_engine(settings: Settings, on_stage: Callable[[str], None] | None = None,
                  ) -> tuple[LLMEngine, ModelInfo]:
     """``on_stage("weights")`` once the checkpoint is loaded, ``on_stage("warmup")`` after

@@ -358,22 +358,21 @@ class TransformerRunner:
         prompt_pos = [p for c in chunks for p in range(c.start, c.start + len(c.token_ids))]
         pos = torch.tensor(positions + prompt_pos, device=dev)
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
-        decode_mask = self._decode_mask(pos[:b])
-        plan = self._chunk_plan(chunks, b, pos[b:]) if chunks else None
         h = self.embed(torch.tensor(token_ids + flat, device=dev))
         compiled = self.compiled  # read once: attached from another thread (compile_warmup.py)
         if compiled is not None and not chunks:
-            return self._logits(compiled.layers(h, cos, sin, decode_mask, pos))
+            return self._logits(compiled.layers(h, cos, sin, self._decode_mask(pos), pos))
+        decode = self._decode_index(pos[:b])
+        plan = self._chunk_plan(chunks, b, pos[b:]) if chunks else None
         for i in range(len(self.layers)):
             q, k, v = self._qkv(i, h, cos, sin)
             if plan is None:
-                out = self._decode_attention(i, q, k, v, pos, decode_mask)
+                out = self._decode_attention(i, q, k, v, decode)
             else:
                 out = torch.empty(b + len(flat), self.num_heads * self.head_dim, device=dev,
                                   dtype=self.dtype)
                 if b:
-                    out[:b] = self._decode_attention(i, q[:b], k[:b], v[:b], pos[:b],
-                                                     decode_mask)
+                    out[:b] = self._decode_attention(i, q[:b], k[:b], v[:b], decode)
                 self._chunks_attention(i, plan, q, k, v, out)
             h = self._finish_layer(i, h, out)
         ends, offset = list(range(b)), b
@@ -395,23 +394,46 @@ class TransformerRunner:
         mask.masked_fill_(~visible.unsqueeze(1), float("-inf"))
         return mask.repeat_interleave(self.num_kv_heads, dim=0)
 
+    def _decode_index(self, pos: torch.Tensor) -> _DecodeIndex | None:
+        """What every layer's decode attention of this step shares (None: no decode rows),
+        built once a step instead of once a layer: where each row's new key goes in a layer's
+        flattened cache, and the torch path's mask or the native kernel's rows and lengths."""
+        b = pos.shape[0]
+        if not b:
+            return None
+        cap, kv = self.cache.len_cap, self.num_kv_heads
+        rows = torch.arange(b, device=self.device)
+        heads = torch.arange(kv, device=self.device)
+        # row r, KV head h, position p of a layer's [rows, kv, cap, D] buffer: (r kv + h) cap + p
+        slots = ((rows.unsqueeze(1) * kv + heads) * cap + pos.unsqueeze(1)).reshape(-1)
+        if self.native is None:
+            return _DecodeIndex(slots, self._decode_mask(pos))
+        lens = pos + 1
+        self.native.check_lens(lens, cap)
+        return _DecodeIndex(slots, None, rows, lens)
+
     def _decode_attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
-                          ) -> torch.Tensor:
+                          v: torch.Tensor, decode: _DecodeIndex | None) -> torch.Tensor:
         """One new token per row ``0 .. B-1``: write its key and value, attend over the row's
         whole buffer (masked past its position); grouped-query attention as two batched
         matmuls per KV head on the contiguous cache."""
+        assert decode is not None
         b, length = q.shape[0], self.cache.len_cap
-        rows = torch.arange(b, device=self.device)
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[rows, :, pos] = k
-        values[rows, :, pos] = v
+        # the rows' new keys and values, by one index_copy_ each into the flattened buffer
+        # (an advanced-index put, keys[rows, :, pos] = k, cost 2-3x more: torch.profiler)
+        keys.view(-1, self.head_dim).index_copy_(0, decode.slots, k.reshape(-1, self.head_dim))
+        values.view(-1, self.head_dim).index_copy_(0, decode.slots,
+                                                   v.reshape(-1, self.head_dim))
         if self.native is not None:
-            return self.native.attend(q, keys, values, rows, pos + 1, self.scale)
+            assert decode.rows is not None and decode.lens is not None
+            return self.native.attend(q, keys, values, decode.rows, decode.lens, self.scale,
+                                      checked=True)
+        assert decode.mask is not None
         kb = keys[:b].view(b * self.num_kv_heads, length, self.head_dim)
         vb = values[:b].view(b * self.num_kv_heads, length, self.head_dim)
         qb = q.reshape(b * self.num_kv_heads, self.group, self.head_dim)
-        scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(mask)
+        scores = torch.bmm(qb, kb.transpose(1, 2)).float().mul_(self.scale).add_(decode.mask)
         probs = torch.softmax(scores, dim=-1).to(self.dtype)
         return torch.bmm(probs, vb).view(b, self.num_heads * self.head_dim)
 
@@ -589,6 +611,16 @@ class _ChunkBatch:
     keep: torch.Tensor  # [tokens] padded slot of each real query
     dest: torch.Tensor  # [tokens] its step index
     mask: torch.Tensor  # [C, 1, 1, width, span] additive, float32
+
+
+@dataclass(slots=True)
+class _DecodeIndex:
+    """A step's decode rows ``0 .. B-1``, for every layer's ``_decode_attention``."""
+
+    slots: torch.Tensor  # [B x kv_heads] each row's and KV head's new key in a flat layer
+    mask: torch.Tensor | None  # torch attention: ``_decode_mask``
+    rows: torch.Tensor | None = None  # native kernel: [B] cache rows, 0 .. B-1
+    lens: torch.Tensor | None = None  # native kernel: [B] keys each row sees
 
 
 @dataclass(slots=True)

@@ -186,10 +186,19 @@ class NativeAttention:
             return f"{heads} query heads over {kv_heads} KV heads (groups up to {_MAX_GROUP})"
         return None
 
+    @staticmethod
+    def check_lens(lens: torch.Tensor, cap: int) -> None:
+        """Raise unless every key length is in ``[1, cap]`` (what ``attend`` reads)."""
+        if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cap):
+            raise ValueError(f"key lengths must be in [1, {cap}]")
+
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               rows: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
+               rows: torch.Tensor, lens: torch.Tensor, scale: float,
+               checked: bool = False) -> torch.Tensor:
         """``q [N, heads, D]`` (query ``n`` reads keys ``[0, lens[n])`` of cache row
-        ``rows[n]``) against ``keys``/``values [rows, kv_heads, cap, D]``; ``[N, heads x D]``."""
+        ``rows[n]``) against ``keys``/``values [rows, kv_heads, cap, D]``; ``[N, heads x D]``.
+        ``checked``: the caller ran ``check_lens`` on these lengths and this ``cap`` (the
+        runner does once a step, not once a layer)."""
         n, heads, dim = q.shape
         _, kv, cap, _ = keys.shape
         if not (keys.is_contiguous() and values.is_contiguous()):
@@ -197,8 +206,8 @@ class NativeAttention:
         q = q.contiguous()
         rows = rows.to(torch.int64).contiguous()
         lens = lens.to(torch.int64).contiguous()
-        if lens.numel() and (int(lens.min()) < 1 or int(lens.max()) > cap):
-            raise ValueError(f"key lengths must be in [1, {cap}]")
+        if not checked:
+            self.check_lens(lens, cap)
         out = torch.empty(n, heads * dim, dtype=q.dtype, device=q.device)
         status = self._fns[q.dtype](_ptr(q), _ptr(keys), _ptr(values), _ptr(rows), _ptr(lens),
                                     _ptr(out), n, kv, heads // kv, dim, cap, scale)
