@@ -91,7 +91,8 @@ def test_a_decode_step_writes_each_rows_key_and_value_at_its_position_only(
     for i in range(3):
         runner.cache.allocate(f"s{i}")
     runner.cache.ensure_capacity(3, 16)
-    before = [(k.clone(), v.clone()) for k, v in zip(runner.cache.keys, runner.cache.values)]
+    before = [(k.clone(), v.clone()) for k, v in zip(runner.cache.keys, runner.cache.values,
+                                                           strict=True)]
     pos = torch.tensor([4, 0, 9])
     gen = torch.Generator().manual_seed(1)
     kv, dim = runner.num_kv_heads, runner.head_dim
