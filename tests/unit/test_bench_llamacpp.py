@@ -52,30 +52,22 @@ def test_server_command_gives_a_slot_per_client_and_their_context() -> None:
     assert plain == [*cmd, "--no-repack"]
 
 
-def test_a_server_killed_by_sigill_before_ready_reports_its_exit_code(tmp_path: Path) -> None:
-    """What the bench retries with ``--no-repack``: llama-server's AMX kernels dying of
-    SIGILL on their first tile instruction (seen on a KVM guest)."""
+@pytest.mark.parametrize(("signal", "code", "name"), [
+    ("ILL", llamacpp.SIGILL_EXIT, "SIGILL (an illegal instruction)"), ("SEGV", -11, "SIGSEGV")])
+def test_a_server_killed_at_start_reports_the_crash_the_bench_retries_without_repacking(
+        tmp_path: Path, signal: str, code: int, name: str) -> None:
+    """What the bench retries with ``--no-repack``: llama-server's AMX kernels dying on
+    their first tile instruction, of SIGILL on some starts and SIGSEGV on others (seen on
+    KVM guests)."""
     script = tmp_path / "llama-server"
-    script.write_text("#!/bin/sh\necho loading\nkill -ILL $$\n")
+    script.write_text(f"#!/bin/sh\necho loading\nkill -{signal} $$\n")
     script.chmod(0o755)
     server = llamacpp.running_server([str(script)], 1, tmp_path / "server.log")
     with pytest.raises(llamacpp.LlamaCppExited) as info, server:
         pass
-    assert info.value.returncode == llamacpp.SIGILL_EXIT
-    assert "exited with -4" in str(info.value) and "loading" in str(info.value)
-    assert info.value.returncode in llamacpp.REPACK_CRASHES
-
-
-def test_a_server_killed_by_sigsegv_at_start_is_retried_without_repacking_too(
-        tmp_path: Path) -> None:
-    """The same AMX kernel dies of SIGSEGV on some starts (seen on the same KVM guest)."""
-    script = tmp_path / "llama-server"
-    script.write_text("#!/bin/sh\necho loading\nkill -SEGV $$\n")
-    script.chmod(0o755)
-    server = llamacpp.running_server([str(script)], 1, tmp_path / "server.log")
-    with pytest.raises(llamacpp.LlamaCppExited) as info, server:
-        pass
-    assert llamacpp.REPACK_CRASHES[info.value.returncode] == "SIGSEGV"
+    assert info.value.returncode == code
+    assert f"exited with {code}" in str(info.value) and "loading" in str(info.value)
+    assert llamacpp.REPACK_CRASHES[code] == name
 
 
 def test_convert_command_uses_the_sdists_converter_and_refuses_the_shipped_q4_1() -> None:
