@@ -185,3 +185,32 @@ def test_the_custom_op_is_the_kernel(kernel: native_attention.NativeAttention) -
     rows, lens = torch.tensor([4, 0, 2]), torch.tensor([1, 32, 9])
     out = torch.ops.tokenfleet.native_attention(q, keys, values, rows, lens, 0.25)
     assert torch.equal(out, kernel.attend(q, keys, values, rows, lens, 0.25))
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize(("kv", "group", "dim"), [(3, 3, 64), (2, 4, 32)])
+def test_the_kernel_at_smollm2s_heads_and_others_is_softmax_attention(
+        kernel: native_attention.NativeAttention, dtype: torch.dtype, tol: float,
+        kv: int, group: int, dim: int) -> None:
+    """Three KV heads of three query heads of 64 (SmolLM2's shape: the kernel's path with
+    the loops unrolled and the accumulators in registers) and a generic shape, against
+    softmax attention in float64; keys past a row's length are NaN and must not be read.
+    Lengths cover whole vectors of the exp and tails of it (1, 15, 16, 17, 40)."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [1, 15, 16, 17, 40]
+    cap = 48
+    q = torch.randn(len(lengths), kv * group, dim, generator=gen).to(dtype)
+    keys = torch.randn(len(lengths), kv, cap, dim, generator=gen).to(dtype)
+    values = torch.randn(len(lengths), kv, cap, dim, generator=gen).to(dtype)
+    expected = torch.empty(len(lengths), kv * group, dim, dtype=torch.float64)
+    for r, n in enumerate(lengths):
+        for h in range(kv):
+            qh = q[r, h * group:(h + 1) * group].double()
+            scores = qh @ keys[r, h, :n].double().T / dim ** 0.5
+            expected[r, h * group:(h + 1) * group] = scores.softmax(-1) @ values[r, h, :n].double()
+        keys[r, :, n:] = float("nan")
+        values[r, :, n:] = float("nan")
+    got = kernel.attend(q, keys, values, torch.arange(len(lengths)), torch.tensor(lengths),
+                        dim ** -0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double().view_as(expected), expected, atol=tol, rtol=tol)

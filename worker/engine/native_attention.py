@@ -72,43 +72,96 @@ static inline float hsum(vf x) {  /* a tree: 16 -> 8 -> 4 -> 2 -> 1 */
     vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+/* exp of LANES values at most 0 (a softmax's x - max): Cephes' expf (x = n ln2 + r, |r| <=
+   ln2 / 2, a degree-7 polynomial for e^r, 2^n added to the exponent bits), ~1 ulp like
+   libm's expf but 16 at a time. x below -86 gives e^-86 (4.5e-38, still a normal float),
+   where expf would give a smaller one: nothing a softmax sum of at least 1 can see. */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} + -86.0f;
+    vi below = x < lo;
+    x = (vf)(((vi)x & ~below) | ((vi)lo & below));
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x log2 e) */
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf y = p * (r * r) + r + 1.0f;
+    vi bits = (vi)y + (__builtin_convertvector(n, vi) << 23);
+    return (vf)bits;
+}
+static inline float hmax(vf x) {
+    float m = x[0];
+    for (int i = 1; i < LANES; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+/* sg[0, len) <- exp(sg - max), returns their sum: LANES at a time, the tail through one
+   more vector (its spare lanes not stored or summed). */
+static inline float exp_shifted_sum(float* sg, int len) {
+    vf mv = (vf){0} + -INFINITY;
+    int j = 0;
+    for (; j + LANES <= len; j += LANES) {
+        vf x = load_f32(sg + j);
+        vi gt = x > mv;
+        mv = (vf)(((vi)x & gt) | ((vi)mv & ~gt));
+    }
+    float m = hmax(mv);
+    for (int i = j; i < len; i++) m = sg[i] > m ? sg[i] : m;
+    vf sv = (vf){0};
+    for (j = 0; j + LANES <= len; j += LANES) {
+        vf e = vexp(load_f32(sg + j) - m);
+        memcpy(sg + j, &e, sizeof e);
+        sv += e;
+    }
+    float tail = 0.f;
+    if (j < len) {
+        float t[LANES] = {0};
+        for (int i = j; i < len; i++) t[i - j] = sg[i] - m;
+        vf e = vexp(load_f32(t));
+        for (int i = j; i < len; i++) { sg[i] = e[i - j]; tail += e[i - j]; }
+    }
+    return hsum(sv) + tail;
+}
 
 /* One (query, KV head) pair: its G query heads against keys [0, len) of cache row ``row``.
    ``s``: scratch of G x len floats. */
-#define BODY(T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                                        \
-    const T* qq = q + ((int64_t)n * KV * G + (int64_t)h * G) * D;                               \
-    const T* kb = k + ((int64_t)row * KV + h) * cap * D;                                         \
-    const T* vb = v + ((int64_t)row * KV + h) * cap * D;                                         \
-    int nc = D / LANES;                                                                          \
+#define BODY(GG, DD, T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                                  \
+    const T* qq = q + ((int64_t)n * KV * GG + (int64_t)h * GG) * DD;                               \
+    const T* kb = k + ((int64_t)row * KV + h) * cap * DD;                                         \
+    const T* vb = v + ((int64_t)row * KV + h) * cap * DD;                                         \
+    int nc = DD / LANES;                                                                          \
     vf qv[MAXG][MAXC];                                                                           \
-    for (int g = 0; g < G; g++)                                                                  \
-        for (int c = 0; c < nc; c++) qv[g][c] = LOAD(qq + g * D + c * LANES);                    \
+    for (int g = 0; g < GG; g++)                                                                  \
+        for (int c = 0; c < nc; c++) qv[g][c] = LOAD(qq + g * DD + c * LANES);                    \
     for (int j = 0; j < len; j++) {                                                              \
         vf acc[MAXG];                                                                            \
-        for (int g = 0; g < G; g++) acc[g] = (vf){0};                                            \
+        for (int g = 0; g < GG; g++) acc[g] = (vf){0};                                            \
         for (int c = 0; c < nc; c++) {                                                           \
-            vf kk = LOAD(kb + (int64_t)j * D + c * LANES);                                       \
-            for (int g = 0; g < G; g++) acc[g] += qv[g][c] * kk;                                 \
+            vf kk = LOAD(kb + (int64_t)j * DD + c * LANES);                                       \
+            for (int g = 0; g < GG; g++) acc[g] += qv[g][c] * kk;                                 \
         }                                                                                        \
-        for (int g = 0; g < G; g++) s[g * len + j] = STORE_SCORE(hsum(acc[g])) * scale;          \
+        for (int g = 0; g < GG; g++) s[g * len + j] = STORE_SCORE(hsum(acc[g])) * scale;          \
     }                                                                                            \
-    for (int g = 0; g < G; g++) {                                                                \
-        float* sg = s + g * len; float m = -INFINITY, sum = 0.f;                                 \
-        for (int j = 0; j < len; j++) m = sg[j] > m ? sg[j] : m;                                 \
-        for (int j = 0; j < len; j++) { sg[j] = expf(sg[j] - m); sum += sg[j]; }                 \
+    for (int g = 0; g < GG; g++) {                                                                \
+        float* sg = s + g * len;                                                                 \
+        float sum = exp_shifted_sum(sg, len);                                                    \
         for (int j = 0; j < len; j++) sg[j] = STORE_PROB(sg[j] / sum);                           \
     }                                                                                            \
     vf acc[MAXG][MAXC];                                                                          \
-    for (int g = 0; g < G; g++) for (int c = 0; c < nc; c++) acc[g][c] = (vf){0};                \
+    for (int g = 0; g < GG; g++) for (int c = 0; c < nc; c++) acc[g][c] = (vf){0};                \
     for (int j = 0; j < len; j++) {                                                              \
         for (int c = 0; c < nc; c++) {                                                           \
-            vf vv = LOAD(vb + (int64_t)j * D + c * LANES);                                       \
-            for (int g = 0; g < G; g++) acc[g][c] += s[g * len + j] * vv;                        \
+            vf vv = LOAD(vb + (int64_t)j * DD + c * LANES);                                       \
+            for (int g = 0; g < GG; g++) acc[g][c] += s[g * len + j] * vv;                        \
         }                                                                                        \
     }                                                                                            \
-    T* o = out + ((int64_t)n * KV * G + (int64_t)h * G) * D;                                     \
-    for (int g = 0; g < G; g++) for (int c = 0; c < nc; c++) for (int i = 0; i < LANES; i++)   \
-        o[g * D + c * LANES + i] = STORE_OUT(acc[g][c][i]);
+    T* o = out + ((int64_t)n * KV * GG + (int64_t)h * GG) * DD;                                    \
+    for (int g = 0; g < GG; g++) for (int c = 0; c < nc; c++) for (int i = 0; i < LANES; i++)   \
+        o[g * DD + c * LANES + i] = STORE_OUT(acc[g][c][i]);
 
 static inline float round_bf16(float x) { return bf2f(f2bf(x)); }
 static inline float same(float x) { return x; }
@@ -128,7 +181,11 @@ int NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t*
             int n = (int)(t / KV), h = (int)(t % KV);                                            \
             int64_t row = rows[n]; int len = (int)lens[n];                                       \
             if (len > have) { free(s); s = (float*)malloc(sizeof(float) * G * len); have = len; } \
-            BODY(T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                                    \
+            if (G == 3 && D == 4 * LANES) {  /* SmolLM2's heads: constants, registers */       \
+                BODY(3, 4 * LANES, T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                  \
+            } else {                                                                             \
+                BODY(G, D, T, LOAD, STORE_SCORE, STORE_PROB, STORE_OUT)                          \
+            }                                                                                    \
         }                                                                                        \
         free(s);                                                                                 \
     }                                                                                            \
