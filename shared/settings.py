@@ -49,10 +49,11 @@ class Settings(BaseSettings):
     # background: the worker serves eager at once and the compiled graphs are built in a
     # thread, attached between steps when all are ready; blocking: built before it serves
     compile_warmup: Literal["background", "blocking"] = "background"
-    # decode attention: torch (two batched matmuls over every row's whole buffer, masked) or
+    # decode attention: torch (two batched matmuls over every row's whole buffer, masked),
     # native (a C kernel built once with the machine's compiler that reads each row's own
-    # keys; CPU, eager steps only). See docs/design/engine.md, "Native decode attention"
-    attention: Literal["torch", "native"] = "torch"
+    # keys; CPU; warns and keeps torch where it cannot run) or auto (native where it can run,
+    # quietly torch elsewhere, e.g. CUDA). See docs/design/engine.md, "Native decode attention"
+    attention: Literal["torch", "native", "auto"] = "auto"
     # fp32 projections and head: torch (oneDNN's packed matmul, else MKL; 1-3 rows padded to
     # 4), native (a C kernel whose rows round alike at any row count: x86 AVX2+FMA CPUs, fp32
     # only; warns and keeps torch elsewhere) or auto (native for an fp32 model where the CPU

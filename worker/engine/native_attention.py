@@ -298,23 +298,25 @@ def _native_attention_fake(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 
 
 def attach(runner: TransformerRunner, mode: str) -> bool:
-    """Give ``runner`` the native kernel for ``TOKENFLEET_ATTENTION=native``; False (the
-    torch attention, with a warning saying why) where it cannot: a model or device the
+    """Give ``runner`` the native kernel for ``TOKENFLEET_ATTENTION=native`` or ``auto``;
+    False (the torch attention, with a warning saying why for ``native``, quietly for
+    ``auto``) where it cannot: a model or device the
     kernel does not cover, or no working compiler. With ``TOKENFLEET_COMPILE`` on, attach
     before the compiled step is built: ``CompiledDecode`` reads ``runner.native`` then and
     its graph attends through the same kernel (``tokenfleet::native_attention``)."""
     runner.native = None
-    if mode != "native":
+    if mode not in ("native", "auto"):
         return False
+    level = logging.WARNING if mode == "native" else logging.INFO  # auto: quietly torch
     why = NativeAttention.supports(runner.dtype, runner.device, runner.num_heads,
                                    runner.num_kv_heads, runner.head_dim)
+    if why is None:
+        try:
+            runner.native = load()
+        except NativeAttentionError as exc:
+            why = str(exc)
     if why is not None:
-        log.warning("TOKENFLEET_ATTENTION=native ignored, attention stays torch: %s", why)
-        return False
-    try:
-        runner.native = load()
-    except NativeAttentionError as exc:
-        log.warning("TOKENFLEET_ATTENTION=native ignored, attention stays torch: %s", exc)
+        log.log(level, "TOKENFLEET_ATTENTION=%s: attention stays torch: %s", mode, why)
         return False
     log.info("decode attention: native kernel %s", runner.native.path.name)
     return True
