@@ -72,6 +72,23 @@ static inline float hsum(vf x) {  /* a tree: 16 -> 8 -> 4 -> 2 -> 1 */
     vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
+/* hsum of four vectors at once, each summed in hsum's order (so a key's score is the same
+   in a block of four as alone): 16 -> 8 -> 4 -> 2 -> 1 lanes, two or four vectors a shuffle. */
+static inline vf4 hsum4(vf a, vf b, vf c, vf d) {
+    vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+          + __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15,
+                                    24, 25, 26, 27, 28, 29, 30, 31);
+    vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+          + __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15,
+                                    24, 25, 26, 27, 28, 29, 30, 31);
+    vf x = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11,
+                                   16, 17, 18, 19, 24, 25, 26, 27)
+         + __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15,
+                                   20, 21, 22, 23, 28, 29, 30, 31);
+    vf8 e = __builtin_shufflevector(x, x, 0, 1, 4, 5, 8, 9, 12, 13)
+          + __builtin_shufflevector(x, x, 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(e, e, 0, 2, 4, 6) + __builtin_shufflevector(e, e, 1, 3, 5, 7);
+}
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 /* exp of LANES values at most 0 (a softmax's x - max): Cephes' expf (x = n ln2 + r, |r| <=
    ln2 / 2, a degree-7 polynomial for e^r, 2^n added to the exponent bits), ~1 ulp like
@@ -137,15 +154,31 @@ static inline float exp_shifted_sum(float* sg, int len) {
     vf qv[MAXG][MAXC];                                                                           \
     for (int g = 0; g < GG; g++)                                                                  \
         for (int c = 0; c < nc; c++) qv[g][c] = LOAD(qq + g * DD + c * LANES);                    \
-    for (int j = 0; j < len; j++) {                                                              \
-        vf acc[MAXG];                                                                            \
-        for (int g = 0; g < GG; g++) acc[g] = (vf){0};                                            \
-        for (int c = 0; c < nc; c++) {                                                           \
-            vf kk = LOAD(kb + (int64_t)j * DD + c * LANES);                                       \
-            for (int g = 0; g < GG; g++) acc[g] += qv[g][c] * kk;                                 \
-        }                                                                                        \
-        for (int g = 0; g < GG; g++) s[g * len + j] = STORE_SCORE(hsum(acc[g])) * scale;          \
-    }                                                                                            \
+    int j = 0;                                                                                     \
+    for (; j + 4 <= len; j += 4) {  /* four keys, their sums reduced together */                   \
+        vf acc4[MAXG][4];                                                                          \
+        for (int g = 0; g < GG; g++)                                                               \
+            for (int t = 0; t < 4; t++) acc4[g][t] = (vf){0};                                      \
+        for (int c = 0; c < nc; c++) {                                                             \
+            for (int t = 0; t < 4; t++) {                                                          \
+                vf kk = LOAD(kb + (int64_t)(j + t) * DD + c * LANES);                              \
+                for (int g = 0; g < GG; g++) acc4[g][t] += qv[g][c] * kk;                          \
+            }                                                                                      \
+        }                                                                                          \
+        for (int g = 0; g < GG; g++) {                                                             \
+            vf4 r = hsum4(acc4[g][0], acc4[g][1], acc4[g][2], acc4[g][3]);                         \
+            for (int t = 0; t < 4; t++) s[g * len + j + t] = STORE_SCORE(r[t]) * scale;            \
+        }                                                                                          \
+    }                                                                                              \
+    for (; j < len; j++) {                                                                         \
+        vf acc[MAXG];                                                                              \
+        for (int g = 0; g < GG; g++) acc[g] = (vf){0};                                             \
+        for (int c = 0; c < nc; c++) {                                                             \
+            vf kk = LOAD(kb + (int64_t)j * DD + c * LANES);                                        \
+            for (int g = 0; g < GG; g++) acc[g] += qv[g][c] * kk;                                  \
+        }                                                                                          \
+        for (int g = 0; g < GG; g++) s[g * len + j] = STORE_SCORE(hsum(acc[g])) * scale;           \
+    }                                                                                              \
     for (int g = 0; g < GG; g++) {                                                                \
         float* sg = s + g * len;                                                                 \
         float sum = exp_shifted_sum(sg, len);                                                    \
