@@ -161,6 +161,15 @@ def compare_attention(runner: TransformerRunner, args: argparse.Namespace) -> No
     _interleave(runner, args, "native", ("torch", "native"), True)
 
 
+def compare_pointwise(runner: TransformerRunner, args: argparse.Namespace) -> None:
+    """torch's pointwise operations and the native kernels (``native_pointwise``),
+    interleaved in one process, rows at the mixed workload's lengths."""
+    if runner.pointwise is None:
+        raise SystemExit("--ab-pointwise needs TOKENFLEET_POINTWISE=native or auto (and a "
+                         "compiler)")
+    _interleave(runner, args, "pointwise", ("torch", "native"), True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", default="1,8,32,64")
@@ -185,6 +194,12 @@ def main(argv: list[str] | None = None) -> None:
         "the mixed workload's lengths up to --context)",
     )
     parser.add_argument(
+        "--ab-pointwise",
+        action="store_true",
+        help="alternate torch's pointwise operations and the native kernels (norms, rotary, "
+        "residual sums, activation; rows at the mixed workload's lengths up to --context)",
+    )
+    parser.add_argument(
         "--mixed",
         action="store_true",
         help="--ab-compile with rows at the mixed workload's lengths up to --context",
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         return compare_compiled(runner, args)
     if args.ab_attention:
         return compare_attention(runner, args)
+    if args.ab_pointwise:
+        return compare_pointwise(runner, args)
     for batch in (int(b) for b in args.batch.split(",")):
         t0 = time.perf_counter()
         walls, cpus = time_steps(runner, batch, args.context, args.steps, args.warmup)

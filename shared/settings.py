@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     # keys; CPU; warns and keeps torch where it cannot run) or auto (native where it can run,
     # quietly torch elsewhere, e.g. CUDA). See docs/design/engine.md, "Native decode attention"
     attention: Literal["torch", "native", "auto"] = "auto"
+    # a layer's norms, rotary embedding, residual sums and gated activation: torch (~25
+    # operations a layer), native (four C calls a layer, built like the attention kernel;
+    # CPU, plain Llama layers; warns and keeps torch where it cannot) or auto (native where
+    # it can, quietly torch elsewhere). docs/design/engine.md, "Native pointwise kernels"
+    pointwise: Literal["torch", "native", "auto"] = "auto"
     # fp32 projections and head: torch (oneDNN's packed matmul, else MKL; 1-3 rows padded to
     # 4), native (a C kernel whose rows round alike at any row count: x86 AVX2+FMA CPUs, fp32
     # only; warns and keeps torch elsewhere) or auto (native for an fp32 model where the CPU

@@ -113,3 +113,17 @@ def test_a_decode_step_writes_each_rows_key_and_value_at_its_position_only(
         with pytest.raises(ValueError, match="key lengths"):
             cap = runner.cache.len_cap  # a row seeing cap + 1 keys: past the buffer
             runner._decode_index(torch.tensor([4, cap, 0]))
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 49152), (5, 1024), (3, 1000), (2, 512)])
+def test_top_indices_are_the_k_largest_as_topk_finds_them(rows: int, vocab: int) -> None:
+    from worker.engine.model_runner import _top_indices
+
+    gen = torch.Generator().manual_seed(rows * vocab)
+    logits = torch.randn(rows, vocab, generator=gen)
+    logits[0, 7] = logits[0, 900 % vocab] = 50.0  # two winners in different blocks
+    logits[-1, vocab - 1] = 40.0  # one in the last block
+    got = _top_indices(logits, 8)
+    want = torch.topk(logits, 8, dim=-1).indices
+    assert got.shape == (rows, 8)
+    assert torch.equal(got.sort(dim=-1).values, want.sort(dim=-1).values)

@@ -18,6 +18,7 @@ from worker.engine.loader import LoadedModel, load_model
 from worker.engine.model_runner import TransformerRunner
 from worker.engine.native_attention import attach as attach_native_attention
 from worker.engine.native_linear import attach as attach_native_linear
+from worker.engine.native_pointwise import attach as attach_native_pointwise
 from worker.engine.speculative import SpeculativeConfig
 from worker.engine.types import EngineRequest
 from worker.model_store import generation_defaults
@@ -129,10 +130,12 @@ def warm_up(engine: LLMEngine) -> float:
 
 
 def attach_kernels(runner: TransformerRunner, settings: Settings) -> None:
-    """``TOKENFLEET_LINEAR`` and ``TOKENFLEET_ATTENTION``'s native kernels (each falls back
-    to torch's with a warning); before a compiled step is built, which runs through them."""
+    """``TOKENFLEET_LINEAR``, ``TOKENFLEET_ATTENTION`` and ``TOKENFLEET_POINTWISE``'s native
+    kernels (each falls back to torch's with a warning); before a compiled step is built,
+    which runs through the first two."""
     attach_native_linear(runner, settings.linear)
     attach_native_attention(runner, settings.attention)
+    attach_native_pointwise(runner, settings.pointwise)
 
 
 def load_runner(settings: Settings, path: Path,
