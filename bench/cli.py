@@ -452,7 +452,7 @@ def _settings_summary(settings: Settings) -> dict[str, Any]:
     keys = ("dtype", "quantization", "device", "torch_threads", "max_batch_size",
             "max_batch_tokens", "max_prefill_tokens", "max_waiting", "coalesce_ms", "scheduling",
             "phase_max_prefill_steps", "prefix_cache_tokens", "compile", "compile_warmup",
-            "attention", "linear", "speculative")
+            "attention", "pointwise", "linear", "speculative")
     return {key: getattr(settings, key) for key in keys}
 
 
