@@ -3,6 +3,8 @@ stops, seeds, cancellation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -33,6 +35,28 @@ def run_all(engine: LLMEngine) -> dict[str, list[RequestOutput]]:
 
 def tokens(outs: list[RequestOutput]) -> list[int]:
     return [t for o in outs for t in o.new_token_ids]
+
+
+def four_requests_tokens(engine: LLMEngine) -> dict[str, list[int]]:
+    """Greedy tokens of four requests of 10-31 prompt tokens run together (prompts
+    prefilled beside decoding rows, then decode), by request id."""
+    for i in range(4):
+        engine.add_request(EngineRequest(f"r{i}", prompt(10 + 7 * i, i), greedy(32)))
+    return {rid: tokens(o) for rid, o in run_all(engine).items()}
+
+
+def alone_and_in_a_batch(make: Callable[[], LLMEngine]) -> tuple[list[int], list[int]]:
+    """Request "a"'s greedy tokens run alone and among six others of other lengths
+    (longer and shorter, admitted before and after it), each on a fresh ``make()``."""
+    alone = make()
+    alone.add_request(EngineRequest("a", prompt(12), greedy(40)))
+    expected = tokens(run_all(alone)["a"])
+    busy = make()
+    for i in range(6):
+        busy.add_request(EngineRequest(f"o{i}", prompt(5 + 11 * i, i + 1), greedy(20 + 9 * i)))
+        if i == 2:
+            busy.add_request(EngineRequest("a", prompt(12), greedy(40)))
+    return expected, tokens(run_all(busy)["a"])
 
 
 def text(outs: list[RequestOutput]) -> str:

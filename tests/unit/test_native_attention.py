@@ -11,7 +11,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.unit.test_engine import greedy, prompt, run_all, tokens
+from tests.unit.test_engine import (
+    alone_and_in_a_batch,
+    four_requests_tokens,
+    greedy,
+    prompt,
+    run_all,
+    tokens,
+)
 from tests.unit.tiny_model import VOCAB, tiny_engine, tiny_llama
 from worker.engine import native_attention
 from worker.engine.engine import LLMEngine
@@ -79,28 +86,15 @@ def test_kernel_gives_the_torch_attention_reading_only_each_rows_keys(
 def test_greedy_tokens_match_the_torch_attention_in_float32(
         kernel: native_attention.NativeAttention) -> None:
     model = tiny_llama(torch.float32)
-    results = []
-    for native in (False, True):
-        engine = _native_engine(model, kernel) if native else tiny_engine(model)
-        for i in range(4):
-            engine.add_request(EngineRequest(f"r{i}", prompt(10 + 7 * i, i), greedy(32)))
-        outs = run_all(engine)
-        results.append({rid: tokens(o) for rid, o in outs.items()})
-    assert results[0] == results[1]
+    assert four_requests_tokens(_native_engine(model, kernel)) == four_requests_tokens(
+        tiny_engine(model))
 
 
 def test_a_requests_tokens_do_not_depend_on_its_batch_in_bfloat16(
         kernel: native_attention.NativeAttention) -> None:
     model = tiny_llama(torch.bfloat16)
-    alone = _native_engine(model, kernel)
-    alone.add_request(EngineRequest("a", prompt(12), greedy(40)))
-    expected = tokens(run_all(alone)["a"])
-    busy = _native_engine(model, kernel)
-    for i in range(6):  # rows of other lengths, longer and shorter, before and after it
-        busy.add_request(EngineRequest(f"o{i}", prompt(5 + 11 * i, i + 1), greedy(20 + 9 * i)))
-        if i == 2:
-            busy.add_request(EngineRequest("a", prompt(12), greedy(40)))
-    assert tokens(run_all(busy)["a"]) == expected
+    alone, in_batch = alone_and_in_a_batch(lambda: _native_engine(model, kernel))
+    assert in_batch == alone
 
 
 def test_speculative_verification_attends_as_decode_does(

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tests.unit.test_engine import greedy, prompt, run_all, tokens
+from tests.unit.test_engine import (
+    alone_and_in_a_batch,
+    four_requests_tokens,
+    prompt,
+)
 from tests.unit.tiny_model import tiny_engine, tiny_llama
 from worker.engine import native_pointwise
 from worker.engine.engine import LLMEngine
 from worker.engine.model_runner import PrefillChunk, TransformerRunner, _rotate
-from worker.engine.types import EngineRequest
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -103,13 +106,8 @@ def _pointwise_engine(model: torch.nn.Module,
 def test_greedy_tokens_are_those_of_the_torch_operations(
         kernel: native_pointwise.NativePointwise, dtype: torch.dtype) -> None:
     model = tiny_llama(dtype)
-    results = []
-    for native in (False, True):
-        engine = _pointwise_engine(model, kernel) if native else tiny_engine(model)
-        for i in range(4):  # prompts prefilled beside decoding rows, then decode
-            engine.add_request(EngineRequest(f"r{i}", prompt(10 + 7 * i, i), greedy(32)))
-        results.append({rid: tokens(o) for rid, o in run_all(engine).items()})
-    assert results[0] == results[1]
+    assert four_requests_tokens(_pointwise_engine(model, kernel)) == four_requests_tokens(
+        tiny_engine(model))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -134,15 +132,8 @@ def test_a_mixed_steps_logits_are_close_to_the_torch_operations(
 def test_a_requests_tokens_do_not_depend_on_its_batch(
         kernel: native_pointwise.NativePointwise) -> None:
     model = tiny_llama(torch.bfloat16)
-    alone = _pointwise_engine(model, kernel)
-    alone.add_request(EngineRequest("a", prompt(12), greedy(40)))
-    expected = tokens(run_all(alone)["a"])
-    busy = _pointwise_engine(model, kernel)
-    for i in range(6):
-        busy.add_request(EngineRequest(f"o{i}", prompt(5 + 11 * i, i + 1), greedy(20 + 9 * i)))
-        if i == 2:
-            busy.add_request(EngineRequest("a", prompt(12), greedy(40)))
-    assert tokens(run_all(busy)["a"]) == expected
+    alone, in_batch = alone_and_in_a_batch(lambda: _pointwise_engine(model, kernel))
+    assert in_batch == alone
 
 
 def test_attach_uses_the_kernels_and_falls_back_with_a_reason(

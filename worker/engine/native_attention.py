@@ -90,6 +90,7 @@ static inline vf4 hsum4(vf a, vf b, vf c, vf d) {
     return __builtin_shufflevector(e, e, 0, 2, 4, 6) + __builtin_shufflevector(e, e, 1, 3, 5, 7);
 }
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+@EXP_CLAMPED@
 /* exp of LANES values at most 0 (a softmax's x - max): Cephes' expf (x = n ln2 + r, |r| <=
    ln2 / 2, a degree-7 polynomial for e^r, 2^n added to the exponent bits), ~1 ulp like
    libm's expf but 16 at a time. x below -86 gives e^-86 (4.5e-38, still a normal float),
@@ -98,18 +99,7 @@ static inline vf vexp(vf x) {
     const vf lo = (vf){0} + -86.0f;
     vi below = x < lo;
     x = (vf)(((vi)x & ~below) | ((vi)lo & below));
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x log2 e) */
-    vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vf y = p * (r * r) + r + 1.0f;
-    vi bits = (vi)y + (__builtin_convertvector(n, vi) << 23);
-    return (vf)bits;
+    return exp_clamped(x);
 }
 static inline float hmax(vf x) {
     float m = x[0];
@@ -227,7 +217,7 @@ int NAME(const T* q, const T* k, const T* v, const int64_t* rows, const int64_t*
 
 DEFINE_ATTENTION(attention_bf16, uint16_t, load_bf16, round_bf16, round_bf16, f2bf)
 DEFINE_ATTENTION(attention_f32, float, load_f32, same, same, same)
-"""
+""".replace("@EXP_CLAMPED@", native_build.EXP_CLAMPED_C)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _LANES = 16
 _MAX_GROUP = 16

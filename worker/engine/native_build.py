@@ -17,6 +17,27 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+# e^x of LANES floats already clamped to [-87, 88] (the caller clamps as it needs): Cephes'
+# expf (x = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial for e^r, 2^n added to the
+# exponent bits), ~1 ulp like libm's expf. Needs the vector types vf (float) and vi (int32)
+# of LANES lanes; the kernels put it in their source at "@EXP_CLAMPED@".
+EXP_CLAMPED_C = r"""
+static inline vf exp_clamped(vf x) {
+    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x log2 e) */
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vf y = p * (r * r) + r + 1.0f;
+    vi bits = (vi)y + (__builtin_convertvector(n, vi) << 23);
+    return (vf)bits;
+}
+"""
+
 
 class NativeBuildError(RuntimeError):
     """The kernel cannot be built here; the message says why."""

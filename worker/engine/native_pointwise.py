@@ -122,6 +122,7 @@ static inline float hsum(vf x) {  /* a tree: 16 -> 8 -> 4 -> 2 -> 1 */
     vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
+@EXP_CLAMPED@
 /* e^x for any x: Cephes' expf (x = n ln2 + r, a degree-7 polynomial for e^r, 2^n added to
    the exponent bits), ~1 ulp. Below -86: e^-86 (what 1 + e^x cannot tell from 0); above
    88.72: infinity; (88, 88.72]: e^88 (a SiLU input below -88 is 0 either way). */
@@ -131,18 +132,7 @@ static inline vf vexp(vf x) {
     vi below = x < lo, above = x > hi;
     x = (vf)(((vi)x & ~below) | ((vi)lo & below));
     x = (vf)(((vi)x & ~above) | ((vi)hi & above));
-    vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round(x log2 e) */
-    vf r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = (vf){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    vf y = p * (r * r) + r + 1.0f;
-    vi bits = (vi)y + (__builtin_convertvector(n, vi) << 23);
-    return (vf)((bits & ~over) | ((vi)((vf){0} + INFINITY) & over));
+    return (vf)(((vi)exp_clamped(x) & ~over) | ((vi)((vf){0} + INFINITY) & over));
 }
 
 /* Norm of one row already in fp32 (``hs``, dim values): out = w * round(hs / sqrt(mean(hs^2)
@@ -262,6 +252,7 @@ DEFINE_SILU_MUL(bf16, uint16_t, load_bf16, load1_bf16, store_bf16, store1_bf16, 
                 round_bf16)
 DEFINE_SILU_MUL(f32, float, load_f32, load1_f32, store_f32, store1_f32, samev, same)
 """.replace("@PARALLEL@", str(_PARALLEL_ELEMENTS)).replace(
+    "@EXP_CLAMPED@", native_build.EXP_CLAMPED_C).replace(
     "@SILU_PARALLEL@", str(_SILU_PARALLEL_ELEMENTS))
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC",
           "-std=gnu11"]
