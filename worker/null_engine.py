@@ -84,6 +84,9 @@ class NullEngine:
     def num_free_slots(self) -> int:
         return self.max_batch_size - len(self._running)
 
+    def release_idle_memory(self) -> None:
+        """Nothing is kept between batches."""
+
     def step(self) -> list[RequestOutput]:
         if self._added_since_step:
             self.admissions.append(self._added_since_step)

@@ -225,7 +225,8 @@ class WorkerService:
         Entries go to the inbox as they arrive, so a Redis error mid-window loses none."""
         inbox = self.inbox
         inbox.extend(self.reader.read(capacity) or self.reader.wait(IDLE_BLOCK_MS))
-        if not inbox:
+        if not inbox:  # idle for IDLE_BLOCK_MS: the KV buffers kept between batches go
+            self.engine.release_idle_memory()
             return
         window_end = time.monotonic() + self.settings.coalesce_ms / 1000
         while len(inbox) < capacity and not self.shutdown.is_requested:

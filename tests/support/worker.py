@@ -100,6 +100,9 @@ class ScriptedEngine:
     def num_free_slots(self) -> int:
         return self._null.num_free_slots() - len(self._stalled)
 
+    def release_idle_memory(self) -> None:
+        self._null.release_idle_memory()
+
     def stats(self) -> EngineStats:
         stats = self._null.stats()
         stats.num_running += len(self._stalled)

@@ -181,3 +181,27 @@ def test_free_slots_respect_the_kv_budget(model: torch.nn.Module) -> None:
     short = tiny_engine(model, max_batch_size=64, max_waiting=16, max_batch_tokens=1000)
     _long("s", short, 5, 10)  # 15 tokens: the batch size binds, not the budget
     assert short.num_free_slots() == 79
+
+
+def test_a_batch_that_turns_over_whole_reuses_the_buffers_until_idle(
+        model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = tiny_engine(model)
+    for i in range(4):
+        engine.add_request(EngineRequest(f"a{i}", _prompt(12, i), _params(5)))
+    first = _run(engine)
+    keys = engine.cache.keys
+    assert engine.cache.num_sequences == 0 and engine.cache.allocated_tokens > 0
+    allocations: list[tuple[int, int]] = []
+    reallocate = RowKVCache._reallocate
+    monkeypatch.setattr(RowKVCache, "_reallocate", lambda self, rows, length: (
+        allocations.append((rows, length)), reallocate(self, rows, length))[1])
+    engine.add_request(EngineRequest("held", _prompt(12, 0), _params(5)))
+    engine.release_idle_memory()  # a request is in: nothing goes
+    for i in range(3):
+        engine.add_request(EngineRequest(f"b{i}", _prompt(12, i + 1), _params(5)))
+    again = _run(engine)
+    assert engine.cache.keys is keys and allocations == []  # the same buffers
+    assert [again[rid] for rid in ("held", "b0", "b1", "b2")] == [
+        first[f"a{i}"] for i in range(4)]
+    engine.release_idle_memory()
+    assert engine.cache.allocated_tokens == 0 and engine.cache.keys == []

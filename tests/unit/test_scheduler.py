@@ -90,23 +90,77 @@ def _cache() -> RowKVCache:
                       len_align=4)
 
 
-def test_cache_rows_stay_dense_and_data_moves_with_its_row() -> None:
-    cache = _cache()
-    for name in "abc":
+def _filled(names: str, budget: int | None = None) -> RowKVCache:
+    """A cache whose sequence ``names[i]`` holds two tokens of value ``i + 1``."""
+    cache = RowKVCache(CacheShape(2, 1, 2, torch.float32, torch.device("cpu")), row_align=1,
+                       len_align=4, token_budget=budget)
+    for name in names:
         cache.allocate(name)
-    cache.ensure_capacity(3, 4)
-    for name, value in zip("abc", (1.0, 2.0, 3.0), strict=True):
+    cache.ensure_capacity(len(names), 4)
+    for i, name in enumerate(names):
         row = cache.row_of(name)
         for layer in range(2):
-            cache.keys[layer][row, :, :2] = value
+            cache.keys[layer][row, :, :2] = float(i + 1)
+            cache.values[layer][row, :, :2] = -float(i + 1)
         cache.advance(name, 2)
-    cache.free("a")
-    assert cache.num_rows == 2 and cache.row_of("c") == 0
-    assert float(cache.keys[1][0, 0, 0, 0]) == 3.0
-    cache.move_to_front(["b"])
-    assert cache.row_of("b") == 0 and float(cache.keys[0][0, 0, 1, 0]) == 2.0
-    assert float(cache.keys[0][cache.row_of("c"), 0, 1, 0]) == 3.0
+    return cache
 
+
+def _value(cache: RowKVCache, name: str) -> float:
+    row = cache.row_of(name)
+    assert float(cache.values[1][row, 0, 1, 0]) == -float(cache.keys[1][row, 0, 1, 0])
+    return float(cache.keys[1][row, 0, 1, 0])
+
+
+def test_a_freed_row_is_a_hole_the_next_sequence_takes_and_nothing_moves() -> None:
+    cache = _filled("abcd")
+    cache.free("b")
+    assert cache.num_rows == 4 and cache.num_sequences == 3
+    assert [cache.row_of(n) for n in "acd"] == [0, 2, 3]
+    assert [_value(cache, n) for n in "acd"] == [1.0, 3.0, 4.0]
+    assert cache.allocate("e") == 1 and cache.num_sequences == 4
+    cache.free("d")  # a trailing hole is dropped
+    assert cache.num_rows == 3 and cache.num_tokens == 4
+
+
+def test_more_than_half_holes_compacts_and_data_moves_with_its_row() -> None:
+    cache = _filled("abcde")
+    for name in "abc":
+        cache.free(name)
+    assert cache.num_rows == cache.num_sequences == 2
+    assert sorted(cache.row_of(n) for n in "de") == [0, 1]
+    assert [_value(cache, n) for n in "de"] == [4.0, 5.0]
+
+
+def test_gather_front_moves_only_the_rows_outside_the_front() -> None:
+    cache = _filled("abcde")
+    cache.free("b")
+    moved: list[tuple[int, int]] = []
+    swap = cache._swap_rows
+    cache._swap_rows = lambda a, b: (moved.append((a, b)), swap(a, b))[1]  # type: ignore
+    order = cache.gather_front(["e", "a", "c"])
+    assert sorted(order) == ["a", "c", "e"] and moved == [(4, 1)]  # e into b's hole
+    assert [cache.row_of(n) for n in order] == [0, 1, 2]
+    assert [_value(cache, n) for n in "acde"] == [1.0, 3.0, 4.0, 5.0]
+    order = cache.gather_front(["d", "c"])  # rows a, e, c, d: c and d swap in
+    assert order == ["c", "d"] and moved[1:] == [(2, 0), (3, 1)]
+    assert cache.gather_front(["d", "c"]) == ["c", "d"] and len(moved) == 3  # in place
+    assert [_value(cache, n) for n in "acde"] == [1.0, 3.0, 4.0, 5.0]
+    cache.move_to_front(["c", "e"])  # an order asked for is still honoured
+    assert (cache.row_of("c"), cache.row_of("e")) == (0, 1)
+    assert [_value(cache, n) for n in "acde"] == [1.0, 3.0, 4.0, 5.0]
+
+
+def test_holes_are_compacted_before_the_buffer_outgrows_its_budget() -> None:
+    cache = _filled("abcd", budget=16)  # 4 rows x 4 positions
+    cache.free("a")
+    cache.allocate("e")  # takes a's hole
+    cache.free("b")
+    cache.free("c")  # 2 holes of 4: not more than half
+    assert cache.num_rows == 4
+    cache.ensure_capacity(cache.num_rows, 8)  # 4 x 8 > 16: compact to 2 rows first
+    assert cache.num_rows == 2 and cache.allocated_tokens <= 16
+    assert _value(cache, "d") == 4.0 and sorted(cache.row_of(n) for n in "de") == [0, 1]
 
 def test_cache_grows_and_shrinks_keeping_data_and_frees_when_empty() -> None:
     cache = _cache()
@@ -118,7 +172,13 @@ def test_cache_grows_and_shrinks_keeping_data_and_frees_when_empty() -> None:
     assert cache.len_cap == 60 and float(cache.keys[0][0, 0, 2, 0]) == 7.0
     cache.ensure_capacity(1, 4)
     assert cache.len_cap == 4 and float(cache.keys[0][0, 0, 2, 0]) == 7.0
-    cache.free("a")
+    cache.free("a")  # empty: the buffers stay for the next batch until released
+    assert cache.num_rows == 0 and cache.allocated_tokens == 4
+    cache.allocate("b")
+    with pytest.raises(RuntimeError, match="holding 1 rows"):
+        cache.release()
+    cache.free("b")
+    cache.release()
     assert cache.allocated_tokens == 0 and cache.keys == []
 
 

@@ -71,6 +71,8 @@ class DraftProposer:
         self._verified.pop(seq_id, None)
         if self._fed.pop(seq_id, None) is not None and seq_id in self.cache:
             self.cache.free(seq_id)
+            if not self.cache.num_sequences:
+                self.cache.release()  # the draft's buffers go as soon as no row drafts
 
     def propose(self, rows: Seq[tuple[Sequence, int]]) -> dict[str, list[int]]:
         """Up to ``k`` greedy draft tokens for each ``(sequence, k)``."""

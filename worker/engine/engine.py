@@ -137,6 +137,12 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.seqs or self._early)
 
+    def release_idle_memory(self) -> None:
+        """No request for a while: hand the KV cache's buffers back (the next step
+        allocates them again). Nothing happens while a request is in the engine."""
+        if not self.has_unfinished() and not self.cache.num_sequences:
+            self.cache.release()
+
     def num_free_slots(self) -> int:
         """Requests to take on: the rows the KV budget can run at the longest reservation
         held (``max_batch_tokens // longest``, at most ``max_batch_size``), plus as many
@@ -397,8 +403,9 @@ class LLMEngine:
                       + [c.start + c.length for c in plan.prefills])
         self.cache.ensure_capacity(self.cache.num_rows, longest)
         self._copy_hits(plan)
-        if decodes:
-            self.cache.move_to_front([s.id for s in decodes])
+        if decodes:  # rows 0 .. B-1, in the order that moves the fewest rows
+            by_id = {s.id: s for s in decodes}
+            decodes = [by_id[sid] for sid in self.cache.gather_front(list(by_id))]
         chunks = [PrefillChunk(self.cache.row_of(c.seq.id), c.start,
                                c.seq.prompt_token_ids[c.start:c.start + c.length],
                                c.completes_prompt) for c in plan.prefills]

@@ -130,10 +130,12 @@ class PrefixCache:
             cache.values[layer][row, :, :hit] = self.values[layer].index_select(1, index)
 
     def load_many(self, cache: RowKVCache, hits: list[tuple[int, int, list[int]]]) -> None:
-        """``load`` for several ``(row, hit, slots)`` at once, whole blocks at a time: per
-        layer and per distinct block list one gather from the pool and one scatter into the
-        rows, for keys and for values (2 KiB runs instead of one head's token at a time;
-        hits of one shared prefix read its blocks once).
+        """``load`` for several ``(row, hit, slots)`` at once, whole blocks at a time: the
+        (KV head, block) runs of every hit are listed once, then each layer's keys and
+        values move as one gather from the pool and one scatter into the rows (2 KiB runs
+        instead of one head's token at a time). 120 calls a step whatever the hits: 30
+        hits of 14 blocks took 50 ms against 90 ms gathered per distinct block list and
+        scattered with broadcasting (AMX Xeon, bf16, SmolLM2's 30 layers).
 
         A hit ending mid-block also copies the rest of that block's slot into the row past
         ``hit``: those positions are past the row's length, so masked, until the step's
@@ -144,20 +146,22 @@ class PrefixCache:
             for row, hit, slots in hits:
                 self.load(cache, row, hit, slots)
             return
-        by_slots: dict[tuple[int, ...], list[int]] = {}
-        for row, _, slots in hits:  # a shared system prompt: the same blocks for every hit
-            by_slots.setdefault(tuple(slots), []).append(row)
-        groups = [(torch.tensor(slots, device=dev), torch.tensor(rows, device=dev), len(slots))
-                  for slots, rows in by_slots.items()]
-        kv, dim = self.shape.num_kv_heads, self.shape.head_dim
+        kv, per_row = self.shape.num_kv_heads, cache.len_cap // bs
+        src: list[int] = []
+        dst: list[int] = []
+        for row, _, slots in hits:
+            for h in range(kv):
+                src += [h * self.num_slots + slot for slot in slots]
+                first = (row * kv + h) * per_row
+                dst += range(first, first + len(slots))
+        src_index = torch.tensor(src, device=dev)
+        dst_index = torch.tensor(dst, device=dev)
+        unit = bs * self.shape.head_dim
         for layer in range(self.shape.num_layers):
             for pool, rows_buf in ((self.keys[layer], cache.keys[layer]),
                                    (self.values[layer], cache.values[layer])):
-                blocks = pool.view(kv, self.num_slots, bs * dim)
-                dst = rows_buf.view(cache.rows_cap, kv, cache.len_cap // bs, bs * dim)
-                for index, rows, count in groups:
-                    src = blocks.index_select(1, index)
-                    dst[rows, :, :count] = src.unsqueeze(0).expand(len(rows), kv, count, -1)
+                rows_buf.view(-1, unit).index_copy_(
+                    0, dst_index, pool.view(-1, unit).index_select(0, src_index))
 
     def record(self, prompt_len: int, hit: int) -> None:
         """Count one lookup (``hit`` tokens of a ``prompt_len``-token prompt were reused)."""

@@ -78,6 +78,9 @@ class Engine(Protocol):
     def num_free_slots(self) -> int:
         """How many more requests the engine would like to hold (running + waiting)."""
 
+    def release_idle_memory(self) -> None:
+        """Called when no request came for a while: give back memory kept for the next."""
+
     def step(self) -> list[RequestOutput]: ...
 
     def stats(self) -> EngineStats: ...
