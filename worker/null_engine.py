@@ -52,7 +52,9 @@ class NullEngine:
     """Implements ``worker.engine.types.Engine`` without a model.
 
     ``admissions`` records, at each step, the ids added since the previous step, so tests
-    can check that requests read in one coalescing window reached the engine together.
+    can check that requests read in one coalescing window reached the engine together;
+    ``idle_releases`` counts the queue loop's ``release_idle_memory`` calls made while it
+    held no request (the real engine then gives its KV buffers back).
     """
 
     def __init__(self, max_batch_size: int, num_tokens: int, step_delay_s: float = 0.0, *,
@@ -62,6 +64,7 @@ class NullEngine:
         self.step_delay_s = step_delay_s  # simulated compute per step
         self.kv_tokens_budget = kv_tokens_budget  # reported only: the null engine has no cache
         self.admissions: deque[list[str]] = deque(maxlen=ADMISSION_HISTORY)
+        self.idle_releases = 0
         self._running: dict[str, _NullSequence] = {}
         self._added_since_step: list[str] = []
         self._num_steps = 0
@@ -85,7 +88,9 @@ class NullEngine:
         return self.max_batch_size - len(self._running)
 
     def release_idle_memory(self) -> None:
-        """Nothing is kept between batches."""
+        """Nothing is kept between batches: only counted."""
+        if not self._running:
+            self.idle_releases += 1
 
     def step(self) -> list[RequestOutput]:
         if self._added_since_step:

@@ -105,6 +105,18 @@ def test_full_batch_ends_the_coalescing_window_early(
     assert sorted(worker.engine.admissions[0]) == ["full-0", "full-1", "full-2"]
 
 
+def test_an_idle_worker_releases_the_engines_kept_memory(
+        start_worker: Callable[..., RunningWorker], client: redis.Redis) -> None:
+    worker = start_worker(0.3)  # a step takes 0.3 s: 1.2 s busy for 4 tokens
+    submit(client, make_request("idle-1", max_tokens=4))
+    wait_for(lambda: worker.engine.has_unfinished())
+    busy_from = worker.engine.idle_releases
+    time.sleep(0.6)
+    assert worker.engine.has_unfinished() and worker.engine.idle_releases == busy_from
+    wait_finished(client, "idle-1")
+    wait_for(lambda: worker.engine.idle_releases >= busy_from + 2)  # each empty idle read
+
+
 # --- entries that are not served --------------------------------------------------------------
 
 

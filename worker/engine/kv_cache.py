@@ -186,13 +186,13 @@ class RowKVCache:
     def ensure_capacity(self, rows: int, length: int) -> None:
         """Make room for ``rows`` rows of ``length`` tokens (never less than the longest row
         already written); shrink when far too big. A failed shrink keeps the old buffers."""
+        length = max(length, max(self._lengths, default=0), 1)
         if (self._holes and self.token_budget is not None
                 and max(rows, self.num_rows) * length > self.token_budget):
             spanned = self.num_rows
             self._compact()  # rows the caller counted as spanned are now in the holes
             rows -= spanned - self.num_rows
         rows = max(rows, self.num_rows, 1)
-        length = max(length, max(self._lengths, default=0), 1)
         target_rows, target_len = self._padded(rows, length)
         if rows > self.rows_cap or length > self.len_cap:
             self._reallocate(target_rows, target_len)
