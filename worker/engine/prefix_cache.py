@@ -134,8 +134,8 @@ class PrefixCache:
         (KV head, block) runs of every hit are listed once, then each layer's keys and
         values move as one gather from the pool and one scatter into the rows (2 KiB runs
         instead of one head's token at a time). 120 calls a step whatever the hits: 30
-        hits of 14 blocks took 50 ms against 90 ms gathered per distinct block list and
-        scattered with broadcasting (AMX Xeon, bf16, SmolLM2's 30 layers).
+        hits of 14 blocks took 42-59 ms against 76-104 ms gathered per distinct block list
+        and scattered with broadcasting (AMX Xeon, bf16, SmolLM2's 30 layers).
 
         A hit ending mid-block also copies the rest of that block's slot into the row past
         ``hit``: those positions are past the row's length, so masked, until the step's
